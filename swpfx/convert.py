@@ -1,0 +1,148 @@
+"""``swpfx.convert``: prune stripes, remove dead filters across the graph, lower stripe-pruned convs."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import fx
+
+from passes.fold_skeletons import fold_skeletons, stripe_masks
+from passes.graph_utils import swpfx_meta
+from passes.remove_channels import remove_channels
+from swpfx.prepare import META, _require_prepared, skeletons
+from swpfx.tracing import normalize_example_inputs
+
+LOWERING_MODES = ("auto", "always", "never")
+DEFAULT_THRESHOLD = 0.05
+
+
+def example_inputs_for(prepared: fx.GraphModule, example_inputs=None, caller: str = "convert") -> tuple:
+    """The given example inputs, or seeded random tensors of the shapes ``prepare`` recorded.
+
+    Values do not matter to ``convert``: everything it computes from a forward pass
+    (shapes, the constants of dead channels) is independent of the input values.
+    """
+    if example_inputs is not None:
+        return normalize_example_inputs(example_inputs)
+    specs = prepared.meta.get(META, {}).get("input_specs")
+    if not specs:
+        raise ValueError(
+            f"swpfx.{caller}: pass example_inputs (a tuple of positional inputs), or give them to "
+            "swpfx.prepare(model, example_inputs) so their shapes are recorded"
+        )
+    generator = torch.Generator().manual_seed(0)
+    device = next((p.device for p in prepared.parameters()), torch.device("cpu"))
+    return tuple(
+        torch.randn(shape, generator=generator, dtype=dtype).to(device) if dtype.is_floating_point
+        else torch.zeros(shape, dtype=dtype, device=device)
+        for shape, dtype in specs
+    )
+
+
+def dead_filters(gm: fx.GraphModule) -> dict[str, list[int]]:
+    """Conv node name -> output channels whose every stripe is pruned."""
+    dead = {}
+    for node in gm.graph.nodes:
+        mask = swpfx_meta(node).get("mask") if node.op == "call_module" else None
+        if mask is not None:
+            rows = (~mask.flatten(1).any(1)).nonzero().flatten().tolist()
+            if rows:
+                dead[node.name] = rows
+    return dead
+
+
+def mark_kept_dead_filters(gm: fx.GraphModule) -> None:
+    """Dead filters that had to stay (coupled or pinned) get their centre stripe marked kept.
+
+    Their weights are all zero, so this changes nothing numerically; it spares the
+    lowering a filter with no stripe at all.
+    """
+    for node in gm.graph.nodes:
+        mask = swpfx_meta(node).get("mask") if node.op == "call_module" else None
+        if mask is None:
+            continue
+        rows = ~mask.flatten(1).any(1)
+        if rows.any():
+            mask = mask.clone()
+            mask[rows, mask.shape[1] // 2, mask.shape[2] // 2] = True
+            swpfx_meta(node)["mask"] = mask
+
+
+def _check_args(threshold, flops_target, lowering) -> float | None:
+    if lowering not in LOWERING_MODES:
+        raise ValueError(f"swpfx.convert: lowering must be one of {LOWERING_MODES}, got {lowering!r}")
+    if threshold is not None and flops_target is not None:
+        raise ValueError("swpfx.convert: threshold and flops_target are mutually exclusive; pass one")
+    if flops_target is not None:
+        if not isinstance(flops_target, (int, float)) or math.isnan(flops_target) or not 0 < flops_target <= 1:
+            raise ValueError(f"swpfx.convert: flops_target must be a fraction in (0, 1], got {flops_target!r}")
+        return None
+    threshold = DEFAULT_THRESHOLD if threshold is None else threshold
+    if not isinstance(threshold, (int, float)) or math.isnan(threshold) or threshold < 0:
+        raise ValueError(f"swpfx.convert: threshold must be a number >= 0, got {threshold!r}")
+    return float(threshold)
+
+
+def convert(
+    prepared: fx.GraphModule,
+    threshold: float | None = None,
+    *,
+    flops_target: float | None = None,
+    lowering: str = "auto",
+    example_inputs=None,
+) -> fx.GraphModule:
+    """Deploy a prepared model: a compact GraphModule of standard ops, for inference.
+
+    1. merge each skeleton into its weight and zero the stripes with ``|I| <= threshold``
+       (or, with ``flops_target``, the cut that meets that fraction of the dense FLOPs);
+    2. remove filters with no stripe left, and the channels they feed, across the
+       whole graph (their constant effect is folded into the consumers, exactly);
+    3. lower convs with partially pruned filters (``lowering``: ``"auto"`` decides per
+       conv with a runtime model, ``"always"``, or ``"never"`` to keep dense convs).
+
+    The result is in eval mode and equals the prepared model with the pruned
+    skeleton entries set to zero. ``prepared`` is not modified.
+
+    Example:
+        >>> import torch, torchvision, swpfx
+        >>> x = torch.randn(1, 3, 64, 64)
+        >>> prepared = swpfx.prepare(torchvision.models.resnet18(num_classes=10), (x,))
+        >>> with torch.no_grad():
+        ...     swpfx.skeletons(prepared)["layer1.0.conv1"][:32] = 0.0   # 32 dead filters
+        >>> deployed = swpfx.convert(prepared, threshold=0.05, lowering="never")
+        >>> deployed.get_submodule("layer1.0.conv1").out_channels
+        32
+    """
+    _require_prepared(prepared, "convert")
+    threshold = _check_args(threshold, flops_target, lowering)
+    inputs = example_inputs_for(prepared, example_inputs)
+    # One sample is enough: shapes and dead-channel constants do not depend on the batch.
+    probe = tuple(x[:1] if x.dim() > 0 else x for x in inputs)
+    gm = copy.deepcopy(prepared).eval()
+    if flops_target is not None:
+        from swpfx.budget import masks_for_flops_target
+
+        masks, chosen = masks_for_flops_target(prepared, flops_target, lowering, probe)
+    else:
+        masks, chosen = stripe_masks(skeletons(prepared), threshold), {"threshold": threshold}
+    fold_skeletons(gm, masks)
+    removal = remove_channels(gm, probe, dead_filters(gm), fold_constants=True)
+    mark_kept_dead_filters(gm)
+    if lowering != "never":
+        from passes.lower_stripe_convs import lower_stripe_convs
+
+        lower_stripe_convs(gm, lowering=lowering)
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.graph.lint()
+    gm.recompile()
+    gm.meta[META] = {
+        "converted_from": prepared.meta[META].get("source_class"),
+        "input_specs": [(tuple(x.shape), x.dtype) for x in inputs],
+        "cut": chosen,
+        "removed_filters": removal.removed,
+        "bias_maps": removal.bias_maps,
+    }
+    return gm
