@@ -23,6 +23,7 @@ from __future__ import annotations
 import operator
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -128,14 +129,22 @@ class ChannelAnalysis:
         return self.class_of[info.first : info.first + info.width]
 
     def blocked_classes(self) -> set[int]:
+        return self._blocked
+
+    @cached_property
+    def _blocked(self) -> set[int]:
         return set(self.class_of[self.opaque | self.pinned].tolist())
 
     def producer_elements_by_class(self) -> dict[int, list[tuple[fx.Node, int]]]:
+        return self._producers_by_class
+
+    @cached_property
+    def _producers_by_class(self) -> dict[int, list[tuple[fx.Node, int]]]:
         out: dict[int, list[tuple[fx.Node, int]]] = defaultdict(list)
         for node, info in self.producers.items():
             for c, cls in enumerate(self.classes_of(node).tolist()):
                 out[cls].append((node, c))
-        return out
+        return dict(out)
 
     def independent_convs(self) -> list[str]:
         """Conv nodes each of whose output channels is its own removable class."""

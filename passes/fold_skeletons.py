@@ -14,6 +14,7 @@ from collections.abc import Mapping
 
 import torch
 from torch import fx, nn
+from torch.nn.utils import skip_init
 
 from passes.graph_utils import (
     Conv2dArgs,
@@ -51,7 +52,8 @@ def masked_weight(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def conv_module_like(args: Conv2dArgs, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Conv2d:
     """A plain ``nn.Conv2d`` computing ``conv2d(x, weight, bias, ...)`` with ``args``' options."""
     out_ch, in_per_group, kh, kw = weight.shape
-    conv = nn.Conv2d(
+    conv = skip_init(
+        nn.Conv2d,
         in_per_group * args.groups,
         out_ch,
         (kh, kw),

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.nn.utils import skip_init
 
 from passes.analyze_channels import ChannelAnalysis, analyze_channels, propagate_shapes
 from passes.graph_utils import get_attr_path, pass_error, swpfx_meta, unique_attr_name
@@ -148,8 +149,9 @@ def _sliced_conv(conv: nn.Conv2d, out_keep: torch.Tensor | None, in_keep: torch.
         weight = weight[:, in_keep]
     groups = len(in_keep) if (depthwise and in_keep is not None) else conv.groups
     in_channels = weight.shape[1] * groups
-    new = nn.Conv2d(in_channels, weight.shape[0], conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                    groups, bias is not None, conv.padding_mode, device=weight.device, dtype=weight.dtype)
+    new = skip_init(nn.Conv2d, in_channels, weight.shape[0], conv.kernel_size, conv.stride, conv.padding,
+                    conv.dilation, groups, bias is not None, conv.padding_mode, device=weight.device,
+                    dtype=weight.dtype)
     with torch.no_grad():
         new.weight.copy_(weight)
         if bias is not None:
@@ -159,9 +161,9 @@ def _sliced_conv(conv: nn.Conv2d, out_keep: torch.Tensor | None, in_keep: torch.
 
 
 def _sliced_batchnorm(bn: nn.modules.batchnorm._BatchNorm, keep: torch.Tensor) -> nn.Module:
-    new = type(bn)(len(keep), bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
-                   device=bn.weight.device if bn.affine else None,
-                   dtype=bn.weight.dtype if bn.affine else None)
+    new = skip_init(type(bn), len(keep), bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+                    device=bn.weight.device if bn.affine else None,
+                    dtype=bn.weight.dtype if bn.affine else None)
     with torch.no_grad():
         if bn.affine:
             new.weight.copy_(bn.weight[keep])
@@ -175,7 +177,7 @@ def _sliced_batchnorm(bn: nn.modules.batchnorm._BatchNorm, keep: torch.Tensor) -
 
 
 def _sliced_linear(linear: nn.Linear, cols: torch.Tensor) -> nn.Linear:
-    new = nn.Linear(len(cols), linear.out_features, linear.bias is not None,
+    new = skip_init(nn.Linear, len(cols), linear.out_features, linear.bias is not None,
                     device=linear.weight.device, dtype=linear.weight.dtype)
     with torch.no_grad():
         new.weight.copy_(linear.weight[:, cols])

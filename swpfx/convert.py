@@ -120,13 +120,26 @@ def convert(
     inputs = example_inputs_for(prepared, example_inputs)
     # One sample is enough: shapes and dead-channel constants do not depend on the batch.
     probe = tuple(x[:1] if x.dim() > 0 else x for x in inputs)
-    gm = copy.deepcopy(prepared).eval()
     if flops_target is not None:
         from swpfx.budget import masks_for_flops_target
 
-        masks, chosen = masks_for_flops_target(prepared, flops_target, lowering, probe)
+        masks, cut = masks_for_flops_target(prepared, flops_target, lowering, probe)
     else:
-        masks, chosen = stripe_masks(skeletons(prepared), threshold), {"threshold": threshold}
+        masks, cut = stripe_masks(skeletons(prepared), threshold), {"threshold": threshold}
+    gm, removal = convert_with_masks(prepared, masks, lowering, probe)
+    gm.meta[META] = {
+        "converted_from": prepared.meta[META].get("source_class"),
+        "input_specs": [(tuple(x.shape), x.dtype) for x in inputs],
+        "cut": cut,
+        "removed_filters": removal.removed,
+        "bias_maps": removal.bias_maps,
+    }
+    return gm
+
+
+def convert_with_masks(prepared: fx.GraphModule, masks: dict, lowering: str, probe: tuple):
+    """The conversion pipeline for given stripe masks; returns (GraphModule, RemoveChannelsResult)."""
+    gm = copy.deepcopy(prepared).eval()
     fold_skeletons(gm, masks)
     removal = remove_channels(gm, probe, dead_filters(gm), fold_constants=True)
     mark_kept_dead_filters(gm)
@@ -138,11 +151,4 @@ def convert(
     gm.delete_all_unused_submodules()
     gm.graph.lint()
     gm.recompile()
-    gm.meta[META] = {
-        "converted_from": prepared.meta[META].get("source_class"),
-        "input_specs": [(tuple(x.shape), x.dtype) for x in inputs],
-        "cut": chosen,
-        "removed_filters": removal.removed,
-        "bias_maps": removal.bias_maps,
-    }
-    return gm
+    return gm, removal

@@ -1,0 +1,62 @@
+"""convert(prepared, flops_target=...): the cut meets the budget, closely, scale-invariantly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+
+import swpfx
+from swpfx.budget import candidate_cuts, masks_at_cut, normalized_stripe_scores
+from swpfx.convert import convert
+from swpfx.cost import cost
+
+
+@pytest.fixture(scope="module")
+def prepared_and_input():
+    torch.manual_seed(0)
+    model = torchvision.models.vgg11_bn(num_classes=10).features[:12].eval()  # 4 convs, plain chain + one pool
+    x = torch.randn(1, 3, 16, 16)
+    prepared = swpfx.prepare(model, (x,)).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for s in swpfx.skeletons(prepared).values():
+            s.copy_(torch.rand(s.shape, generator=g))
+    return prepared, x
+
+
+@pytest.mark.parametrize("target,lowering", [(0.5, "never"), (0.6, "always")])
+def test_flops_target_is_met_and_close(prepared_and_input, target, lowering):
+    prepared, x = prepared_and_input
+    deployed = convert(prepared, flops_target=target, lowering=lowering)
+    ratio = cost(deployed, (x,)).flops / cost(prepared, (x,)).flops
+    assert ratio <= target
+    assert ratio >= target - 0.05, f"cut too deep: {ratio:.3f} for target {target}"
+    cut = deployed.meta["swpfx"]["cut"]
+    assert cut["flops_target"] == target and cut["flops_ratio"] == pytest.approx(ratio)
+
+
+def test_scores_are_invariant_to_a_layers_scale():
+    skels = {"a": torch.rand(4, 3, 3), "b": torch.rand(8, 3, 3)}
+    scaled = {"a": skels["a"] * 0.01, "b": skels["b"]}
+    for name in skels:
+        assert torch.allclose(normalized_stripe_scores(skels)[name], normalized_stripe_scores(scaled)[name])
+
+
+def test_cut_candidates_start_by_keeping_everything():
+    scores = normalized_stripe_scores({"a": torch.rand(4, 3, 3)})
+    cuts = candidate_cuts(scores)
+    assert bool(masks_at_cut(scores, float(cuts[0]))["a"].all())
+    assert not bool(masks_at_cut(scores, float(cuts[-1]))["a"].any())
+
+
+def test_unreachable_target_is_a_clear_error(prepared_and_input):
+    prepared, _ = prepared_and_input
+    with pytest.raises(ValueError, match="not reachable"):
+        convert(prepared, flops_target=0.001, lowering="never")
+
+
+@pytest.mark.parametrize("bad", [0, 1.5, -0.2, float("nan")])
+def test_bad_targets_are_rejected(prepared_and_input, bad):
+    with pytest.raises(ValueError, match="flops_target"):
+        convert(prepared_and_input[0], flops_target=bad)
