@@ -187,12 +187,16 @@ def _sliced_linear(linear: nn.Linear, cols: torch.Tensor) -> nn.Linear:
 
 
 def _merge_input_weights(weight: torch.Tensor, pairs: list[tuple[int, int]], expansion: int) -> None:
-    """``weight[:, c] += weight[:, p]`` for each (p, c) (column blocks after a flatten)."""
+    """``weight[:, c] += weight[:, p]`` for each (p, c) (column blocks after a flatten), in one op.
+
+    Sources are removed channels and destinations kept ones, so they never overlap.
+    """
+    if not pairs:
+        return
+    src = expand_columns(torch.tensor([p for p, _ in pairs]), expansion).to(weight.device)
+    dst = expand_columns(torch.tensor([c for _, c in pairs]), expansion).to(weight.device)
     with torch.no_grad():
-        for p, c in pairs:
-            src = expand_columns(torch.tensor([p]), expansion)
-            dst = expand_columns(torch.tensor([c]), expansion)
-            weight[:, dst] += weight[:, src]
+        weight.index_add_(1, dst, weight[:, src])
 
 
 def _add_bias(module: nn.Module, delta: torch.Tensor) -> None:

@@ -3,16 +3,30 @@
     prepared = swpfx.prepare(model, example_inputs=(x,))
     loss = task_loss + swpfx.skeleton_penalty(prepared, alpha=1e-5)
     deployed = swpfx.convert(prepared, threshold=0.05)
+    print(swpfx.cost(deployed, (x,)))
+    swpfx.export_onnx(deployed, (x,), "model.onnx")
 """
 
+from swpfx.central_filter import central_filter, l1_filter_prune
+from swpfx.convert import convert
+from swpfx.cost import CostReport, compare, cost
+from swpfx.export import ExportVerificationError, export_onnx
 from swpfx.prepare import PrepareConfig, is_prepared, prepare, skeletons, skipped_convs
 from swpfx.tracing import TracingError
 from swpfx.training import param_groups, regularize_skeletons_, skeleton_penalty
 
 __all__ = [
+    "CostReport",
+    "ExportVerificationError",
     "PrepareConfig",
     "TracingError",
+    "central_filter",
+    "compare",
+    "convert",
+    "cost",
+    "export_onnx",
     "is_prepared",
+    "l1_filter_prune",
     "param_groups",
     "prepare",
     "regularize_skeletons_",

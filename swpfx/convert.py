@@ -9,7 +9,7 @@ import torch
 from torch import fx
 
 from passes.fold_skeletons import fold_skeletons, stripe_masks
-from passes.graph_utils import swpfx_meta
+from passes.graph_utils import evaluate_attribute_expression, get_attr_path, swpfx_meta
 from passes.remove_channels import remove_channels
 from swpfx.prepare import META, _require_prepared, skeletons
 from swpfx.tracing import normalize_example_inputs
@@ -70,6 +70,28 @@ def mark_kept_dead_filters(gm: fx.GraphModule) -> None:
             swpfx_meta(node)["mask"] = mask
 
 
+def check_skeletons(prepared: fx.GraphModule) -> None:
+    """Every skeleton still exists and has the (O, Kh, Kw) shape of its conv's weight."""
+    paths = prepared.meta[META]["skeletons"]
+    for node in prepared.graph.nodes:
+        meta = node.meta.get("swpfx", {})
+        if meta.get("role") != "skeleton_weight":
+            continue
+        name = meta["conv"]
+        try:
+            skel = get_attr_path(prepared, paths[name])
+        except (AttributeError, KeyError):
+            raise ValueError(f"swpfx.convert: the skeleton of conv '{name}' is missing; prepare the model again") from None
+        weight = evaluate_attribute_expression(prepared, node.args[0])
+        expected = (weight.shape[0], *weight.shape[2:])
+        if not isinstance(skel, torch.Tensor) or tuple(skel.shape) != expected:
+            got = tuple(skel.shape) if isinstance(skel, torch.Tensor) else type(skel).__name__
+            raise ValueError(
+                f"swpfx.convert: the skeleton of conv '{name}' has shape {got}, expected {expected} "
+                "(one value per output channel and kernel position); was it replaced? prepare the model again"
+            )
+
+
 def _check_args(threshold, flops_target, lowering) -> float | None:
     if lowering not in LOWERING_MODES:
         raise ValueError(f"swpfx.convert: lowering must be one of {LOWERING_MODES}, got {lowering!r}")
@@ -117,6 +139,7 @@ def convert(
     """
     _require_prepared(prepared, "convert")
     threshold = _check_args(threshold, flops_target, lowering)
+    check_skeletons(prepared)
     inputs = example_inputs_for(prepared, example_inputs)
     # One sample is enough: shapes and dead-channel constants do not depend on the batch.
     probe = tuple(x[:1] if x.dim() > 0 else x for x in inputs)

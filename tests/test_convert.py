@@ -76,6 +76,20 @@ def test_torchvision_subset_exact_and_smaller(name):
     assert not any("skeleton" in n for n, _ in deployed.named_parameters())
 
 
+@pytest.mark.parametrize("protocol", ["random", "structured"])
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "densenet121", "efficientnet_b0", "googlenet"])
+def test_lowered_models_are_exact(name, protocol):
+    g = torch.Generator().manual_seed(4)
+    model = build(name)
+    x = torch.randn(2, 3, 48, 48, generator=g)
+    prepared = prepared_with_random_masks(model, x, protocol)
+    deployed = convert(prepared, THRESHOLD, lowering="always")
+    check_exact(prepared, deployed, x)
+    deployed.graph.lint()
+    lowered = [n for n in deployed.graph.nodes if n.meta.get("swpfx", {}).get("lowering") not in (None, "dense")]
+    assert lowered, "lowering='always' lowered nothing"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", torchvision.models.list_models(module=torchvision.models))
 def test_convert_all_models(name):
