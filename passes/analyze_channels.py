@@ -421,11 +421,17 @@ class _Builder:
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
     """Record ``node.meta['tensor_meta']`` by running ``gm`` once on ``example_inputs``."""
+    # eval mode: a training-mode forward would update BatchNorm running statistics
+    modes = {m: m.training for m in gm.modules()}
+    gm.eval()
     try:
         with torch.no_grad():
             ShapeProp(gm).propagate(*example_inputs)
     except Exception as exc:
         raise pass_error(PASS, None, f"running the model on the example inputs failed: {exc}") from exc
+    finally:
+        for module, training in modes.items():
+            module.training = training
 
 
 def analyze_channels(gm: fx.GraphModule, example_inputs: tuple | None = None) -> ChannelAnalysis:

@@ -74,12 +74,17 @@ class InsertSkeletonsResult:
 def skeleton_key(weight_target: str) -> tuple[str, str]:
     """(conv name, skeleton attribute path) for a weight parameter path.
 
-    ``layer1.0.conv1.weight`` -> (``layer1.0.conv1``, ``layer1.0.conv1.skeleton``);
-    a parameter not called ``weight`` keeps its full path as the name.
+    A parameter not called ``weight`` (or a root-level ``weight``) keeps its full path as the name.
+
+    Example:
+        >>> skeleton_key("layer1.0.conv1.weight")
+        ('layer1.0.conv1', 'layer1.0.conv1.skeleton')
+        >>> skeleton_key("kernel")
+        ('kernel', 'kernel_skeleton')
     """
     owner, leaf = split_path(weight_target)
-    if leaf == "weight":
-        return owner, f"{owner}.skeleton" if owner else "skeleton"
+    if leaf == "weight" and owner:
+        return owner, f"{owner}.skeleton"
     return weight_target, f"{weight_target}_skeleton"
 
 
@@ -107,6 +112,18 @@ def find_weight_parameter(gm: fx.GraphModule, conv: fx.Node) -> tuple[str | None
     if len(params) != 1:
         return None, f"its weight is not derived from exactly one parameter of shape {tuple(shape)}"
     return params.pop(), ""
+
+
+def owner_type_of(gm: fx.GraphModule, conv: fx.Node, owner_path: str) -> type:
+    """The class of the module owning a functional conv's weight, as it was at tracing time.
+
+    The GraphModule replaces traced-through modules by plain ``nn.Module`` holders,
+    so the type comes from the ``nn_module_stack`` the tracer recorded on the node.
+    """
+    for qualname, module_type in reversed(list(conv.meta.get("nn_module_stack", {}).values())):
+        if qualname == owner_path and isinstance(module_type, type):
+            return module_type
+    return type(gm.get_submodule(owner_path)) if owner_path else type(gm)
 
 
 def already_prepared(conv: fx.Node) -> bool:
@@ -148,7 +165,7 @@ def functionalize_conv_module(gm: fx.GraphModule, node: fx.Node) -> None:
 def multiply_skeleton_into_weight(gm: fx.GraphModule, conv: fx.Node, skeleton_path: str, name: str) -> None:
     """Insert ``weight * skeleton.unsqueeze(1)`` between the conv and its weight."""
     args = Conv2dArgs.of(conv)
-    base = conv.name
+    base = name.replace(".", "_")  # named after the conv, also when the conv node itself is 'conv2d_3'
     with gm.graph.inserting_before(conv):
         skel = gm.graph.create_node("get_attr", skeleton_path, name=f"{base}_skeleton")
         stripes = gm.graph.create_node("call_method", "unsqueeze", (skel, 1), name=f"{base}_stripes")
@@ -178,6 +195,12 @@ def collect_conv_sites(gm: fx.GraphModule) -> tuple[list[ConvSite], list[Skipped
     for node in list(gm.graph.nodes):
         if node.op == "call_module":
             module = gm.get_submodule(node.target)
+            if isinstance(module, nn.Conv2d) and type(module).forward is not nn.Conv2d.forward:
+                # A leaf subclass with its own forward: rewriting it as torch.conv2d would drop that forward.
+                reason = (f"{type(module).__name__} has its own forward and was kept as a leaf module, "
+                          "so its weight expression is not in the graph")
+                skipped.append(SkippedConv(node.name, reason))
+                continue
             if isinstance(module, nn.Conv2d):
                 functionalize_conv_module(gm, node)
                 owner_type = type(module)
@@ -201,8 +224,7 @@ def collect_conv_sites(gm: fx.GraphModule) -> tuple[list[ConvSite], list[Skipped
             continue
         name, _ = skeleton_key(target)
         if owner_type is None:
-            owner_path = split_path(target)[0]
-            owner_type = type(gm.get_submodule(owner_path)) if owner_path else type(gm)
+            owner_type = owner_type_of(gm, node, split_path(target)[0])
         sites.append(ConvSite(node, name, owner_type, target))
     return sites, skipped
 

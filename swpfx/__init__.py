@@ -10,13 +10,15 @@
 from swpfx.central_filter import central_filter, l1_filter_prune
 from swpfx.convert import convert
 from swpfx.cost import CostReport, compare, cost
-from swpfx.export import ExportVerificationError, export_onnx
+from swpfx.export import ExportError, ExportResult, ExportVerificationError, export_onnx, ort_session, run_onnx, verify_onnx
 from swpfx.prepare import PrepareConfig, is_prepared, prepare, skeletons, skipped_convs
 from swpfx.tracing import TracingError
 from swpfx.training import param_groups, regularize_skeletons_, skeleton_penalty
 
 __all__ = [
     "CostReport",
+    "ExportError",
+    "ExportResult",
     "ExportVerificationError",
     "PrepareConfig",
     "TracingError",
@@ -28,10 +30,13 @@ __all__ = [
     "is_prepared",
     "l1_filter_prune",
     "param_groups",
+    "ort_session",
     "prepare",
     "regularize_skeletons_",
+    "run_onnx",
     "skeleton_penalty",
     "skeletons",
     "skipped_convs",
+    "verify_onnx",
 ]
 __version__ = "0.1.0"

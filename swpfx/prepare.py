@@ -66,19 +66,22 @@ def prepare(model: nn.Module, example_inputs=None, config=None) -> fx.GraphModul
     """
     cfg = PrepareConfig.coerce(config)
     example_inputs = normalize_example_inputs(example_inputs)
-    gm = trace(model, cfg.leaf_modules)
+    gm = trace(model, cfg.leaf_modules, example_inputs=example_inputs)
     result = insert_skeletons(gm, include=cfg.include, exclude=cfg.exclude)
+    traced = gm.meta.pop("swpfx_trace")
+    targets = {n.name: n.target for n in gm.graph.nodes if n.op == "call_module"}
+    result.skipped = [explain_leaf_conv(s, targets.get(s.node), traced["leaf_convs"]) for s in result.skipped]
     gm.meta[META] = {
         "skeletons": dict(result.skeletons),
         "skipped": [(s.node, s.reason) for s in result.skipped],
         "input_specs": None,
         "source_class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "specialized_convs": {k: tuple(v) for k, v in traced["specialized_convs"].items()},
     }
     if example_inputs is not None:
         gm.meta[META]["input_specs"] = input_specs(example_inputs)
-        with torch.no_grad():
-            ShapeProp(gm).propagate(*example_inputs)
-    gm.train(model.training)
+        record_shapes(gm, example_inputs)
+    gm.training = model.training  # submodules keep their own modes (e.g. a frozen BN in eval)
     unexpected = [s for s in result.skipped if not s.reason.startswith(("excluded", "not selected"))]
     if unexpected:
         listing = "; ".join(f"{s.node}: {s.reason}" for s in unexpected)
@@ -86,7 +89,38 @@ def prepare(model: nn.Module, example_inputs=None, config=None) -> fx.GraphModul
     return gm
 
 
+def explain_leaf_conv(skipped: SkippedConv, target: str | None, leaf_convs: dict[str, str]) -> SkippedConv:
+    """Replace the generic reason of a conv tracing could not enter by the tracing error and the fix."""
+    if target not in leaf_convs:
+        return skipped
+    return SkippedConv(
+        skipped.node,
+        f"its forward is not symbolically traceable ({leaf_convs[target]}); pass example_inputs to "
+        "swpfx.prepare so its input-size computations can be specialised to that size",
+    )
+
+
+def record_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
+    """Run ``ShapeProp`` in eval mode so the example forward cannot update BatchNorm running stats."""
+    modes = {m: m.training for m in gm.modules()}
+    gm.eval()
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example_inputs)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
 def is_prepared(model: nn.Module) -> bool:
+    """True for a GraphModule returned by :func:`prepare`.
+
+    Example:
+        >>> import torch, swpfx
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
+        >>> swpfx.is_prepared(model), swpfx.is_prepared(swpfx.prepare(model))
+        (False, True)
+    """
     return isinstance(model, fx.GraphModule) and "skeletons" in getattr(model, "meta", {}).get(META, {})
 
 
@@ -112,6 +146,13 @@ def skeletons(prepared: fx.GraphModule) -> dict[str, nn.Parameter]:
 
 
 def skipped_convs(prepared: fx.GraphModule) -> list[SkippedConv]:
-    """Convolutions ``prepare`` left dense, with the reason for each."""
+    """Convolutions ``prepare`` left dense, with the reason for each.
+
+    Example:
+        >>> import torch, swpfx
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(4, 4, 1))
+        >>> swpfx.skipped_convs(swpfx.prepare(model, config={"exclude": ["0"]}))
+        [SkippedConv(node='_0', reason="excluded by config['exclude']")]
+    """
     _require_prepared(prepared, "skipped_convs")
     return [SkippedConv(n, r) for n, r in prepared.meta[META]["skipped"]]

@@ -21,8 +21,9 @@ def skeleton_penalty(prepared: fx.GraphModule, alpha: float) -> torch.Tensor:
     Example:
         >>> import torch, torchvision, swpfx
         >>> prepared = swpfx.prepare(torchvision.models.resnet18())
-        >>> float(swpfx.skeleton_penalty(prepared, alpha=1e-5)) > 0
-        True
+        >>> penalty = swpfx.skeleton_penalty(prepared, alpha=1e-5)  # 1e-5 × (number of stripes) at init
+        >>> round(penalty.item(), 5)
+        0.38592
     """
     _check_alpha(alpha, "skeleton_penalty")
     terms = [s.abs().sum() for s in skeletons(prepared).values()]

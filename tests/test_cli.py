@@ -1,0 +1,112 @@
+"""The ``swpfx`` command line: success paths and usage errors with their exit codes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from swpfx.cli import main, parse_shape
+
+DEMO_NET = "swpfx.demo:demo_cnn"
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:  # argparse's own usage errors
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_python_m_swpfx_help():
+    result = subprocess.run([sys.executable, "-m", "swpfx", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    for command in ("demo", "cost", "bench"):
+        assert command in result.stdout
+    assert "Exit codes" in result.stdout
+
+
+@pytest.mark.parametrize("command", ["demo", "cost", "bench"])
+def test_subcommand_help(capsys, command):
+    code, out, _ = run(capsys, command, "--help")
+    assert code == 0
+    assert f"usage: swpfx {command}" in out
+
+
+def test_parse_shape():
+    assert parse_shape("1,3,224,224") == (1, 3, 224, 224)
+    assert parse_shape(" 2, 1 ,28,28") == (2, 1, 28, 28)
+    for bad in ("1,3,a", "1,0,2", "", "1,-3"):
+        with pytest.raises(Exception):
+            parse_shape(bad)
+
+
+def test_cost_factory_spec(capsys):
+    code, out, err = run(capsys, "cost", DEMO_NET, "--input", "1,1,28,28")
+    assert code == 0, err
+    assert "TOTAL" in out
+    for layer in ("features_conv1", "features_conv4", "classifier"):
+        assert layer in out
+    # 16·9·784 + 32·16·9·196 + 64·32·9·196 + 64·64·9·49 + 64·10 multiply-accumulates
+    assert "MACs 6.44 M" in out
+
+
+def test_cost_torchvision_model(capsys):
+    code, out, err = run(capsys, "cost", "resnet18", "--input", "1,3,32,32", "--top", "3")
+    assert code == 0, err
+    assert "showing the 3 most expensive" in out
+
+
+def test_bench_success(capsys, tmp_path):
+    code, out, err = run(capsys, "bench", DEMO_NET, "--input", "1,28,28", "--batch", "4", "--protocol",
+                         "structured", "--repeats", "3", "--keep", str(tmp_path))
+    assert code == 0, err
+    assert "FLOP ratio" in out and "ORT speed-up" in out
+    assert (tmp_path / "dense.onnx").exists() and (tmp_path / "pruned.onnx").exists()
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["cost", "no_such_model"], "unknown model 'no_such_model'"),
+    (["cost", "resnet"], "did you mean"),
+    (["cost", "no_such_package_xyz.models:net"], "cannot import module"),
+    (["cost", "swpfx.demo:no_such_factory"], "has no callable"),
+    (["cost", DEMO_NET, "--input", "1,3,28,28"], "cannot run on an input of shape 1,3,28,28"),
+    (["bench", DEMO_NET, "--input", "1,2,3,28,28"], "3 (C,H,W) or 4 (N,C,H,W)"),
+])
+def test_usage_errors_exit_2_without_traceback(capsys, argv, needle):
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert needle in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [
+    ["cost", "resnet18", "--input", "1,3,a"],
+    ["cost", "resnet18", "--input", "1,0,32,32"],
+    ["bench", "resnet18", "--protocol", "diagonal"],
+    ["bench", "resnet18", "--lowering", "sometimes"],
+    ["bench", "resnet18", "--threshold", "-1"],
+    ["demo", "--epochs", "0"],
+    ["demo", "--flops-target", "1.5"],
+    ["frobnicate"],
+    [],
+])
+def test_argparse_errors_exit_2(capsys, argv):
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    assert "usage:" in err
+
+
+def test_runtime_failure_exits_1(capsys, tmp_path, monkeypatch):
+    (tmp_path / "broken_models_for_cli.py").write_text(textwrap.dedent("""
+        def net():
+            raise RuntimeError("weights file is corrupt")
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, _, err = run(capsys, "cost", "broken_models_for_cli:net")
+    assert code == 1
+    assert "weights file is corrupt" in err and "Traceback" not in err

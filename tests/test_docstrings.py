@@ -1,0 +1,38 @@
+"""Run the docstring examples of the public modules (every public function has a runnable example)."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+
+import pytest
+
+# Add modules here as they gain public functions with examples.
+MODULES = [
+    "swpfx.prepare",
+    "swpfx.training",
+    "swpfx.tracing",
+    "passes.insert_skeletons",
+    "passes.fold_skeletons",
+    "passes.analyze_channels",
+    "passes.remove_channels",
+    "passes.count_costs",
+    "passes.measure_channel_similarity",
+    "passes.lower_stripe_convs",
+    "swpfx.convert",
+    "swpfx.budget",
+    "swpfx.synthetic",
+    "swpfx.masks",
+    "swpfx.cost",
+    "swpfx.export",
+    "swpfx.central_filter",
+    "swpfx.data",
+]
+
+
+@pytest.mark.parametrize("module_name", MODULES)
+def test_docstring_examples(module_name):
+    module = importlib.import_module(module_name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, verbose=False)
+    assert result.attempted > 0, f"{module_name} has no docstring examples"
+    assert result.failed == 0, f"{result.failed} of {result.attempted} docstring examples of {module_name} failed"
