@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import difflib
 import traceback
 from collections.abc import Iterable
 
@@ -173,6 +174,18 @@ def _user_frame(exc: BaseException) -> str:
     return f"{f.filename}:{f.lineno}: {f.line}"
 
 
+def check_leaf_modules(model: nn.Module, leaf_modules: tuple) -> None:
+    """Leaf names must be submodules of ``model`` (a typo would otherwise surface as a tracing error)."""
+    known = {name for name, _ in model.named_modules() if name}
+    for leaf in leaf_modules:
+        if isinstance(leaf, str) and leaf not in known:
+            close = difflib.get_close_matches(leaf, sorted(known), n=3)
+            hint = f" Did you mean {close}?" if close else ""
+            raise ValueError(f"swpfx.trace: leaf_modules names '{leaf}', which is not a submodule of the model.{hint}")
+        if not isinstance(leaf, (str, type)):
+            raise TypeError(f"swpfx.trace: leaf_modules entries are qualified names or module types, got {leaf!r}")
+
+
 def trace(
     model: nn.Module,
     leaf_modules: Iterable[type | str] = (),
@@ -193,6 +206,8 @@ def trace(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"swpfx.trace: expected an nn.Module, got {type(model).__name__}")
+    leaf_modules = tuple(leaf_modules)
+    check_leaf_modules(model, leaf_modules)
     root = copy.deepcopy(model) if copy_model else model
     tracer = SwpfxTracer(leaf_modules, conv_input_shapes(root, example_inputs))
     try:
