@@ -22,7 +22,7 @@ whose pruned FLOPs are ≤ the target. Pruned FLOPs are therefore ≤ target, an
 realised values are reported.
 
 Usage:
-    .venv/bin/python benchmarks/accuracy.py                      # 3 seeds, all methods, ≈ 25 min quiet on 2 cores
+    .venv/bin/python benchmarks/accuracy.py --jobs 3             # 3 seeds, all methods (≈ 30 min on a quiet 2-core machine)
     .venv/bin/python benchmarks/accuracy.py --seeds 0 --epochs 2 --finetune 1   # a smoke run
 Writes benchmarks/results/accuracy.md (and accuracy.json next to it).
 """
@@ -32,8 +32,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
-import os
 import statistics
 import sys
 import tempfile

@@ -13,14 +13,12 @@ torch, and timed interleaved (ORT CPU, 2 intra-op threads, medians).
 from __future__ import annotations
 
 import argparse
-import copy
 
 import torch
-from torch import fx, nn
 
-from passes.lower_stripe_convs import ConvGeometry, lower_conv, mark_stripe_conv, supported_forms
+from passes.lower_stripe_convs import ConvGeometry, supported_forms
 from swpfx.masks import random_stripe_mask, structured_stripe_mask
-from swpfx.runtime_model import onnx_bytes, ort_session, time_interleaved
+from swpfx.runtime_model import lowered_copy, onnx_bytes, ort_session, stripe_conv_module, time_interleaved
 
 # (name, in_channels, out_channels, kernel, stride, padding, input size)
 RESNET18_CONVS = [
@@ -44,32 +42,14 @@ def make_mask(protocol: str, out_channels: int, k: int, generator: torch.Generat
     return mask[mask.flatten(1).any(1)]  # the lead's convert removes dead filters
 
 
-def layer_module(c_in: int, mask: torch.Tensor, k: int, stride: int, padding: int, hw: int, seed: int):
-    torch.manual_seed(seed)
-    conv = nn.Conv2d(c_in, mask.shape[0], k, stride=stride, padding=padding, bias=False)
-    gm = fx.symbolic_trace(nn.Sequential(conv))
-    x = torch.randn(1, c_in, hw, hw)
-    mark_stripe_conv(gm, "0", mask, x)
-    return gm, x
-
-
-def lowered(gm: fx.GraphModule, form: str, **kwargs) -> fx.GraphModule:
-    gm = copy.deepcopy(gm)
-    node = next(n for n in gm.graph.nodes if n.op == "call_module")
-    lower_conv(gm, node, form, **kwargs)
-    gm.graph.lint()
-    gm.recompile()
-    return gm
-
-
 def measure_layer(c_in, mask, k, stride, padding, hw, rounds, seed=0):
-    gm, x = layer_module(c_in, mask, k, stride, padding, hw, seed)
+    gm, x = stripe_conv_module(c_in, mask, k, stride, padding, hw, seed)
     geometry = ConvGeometry.of(gm.get_submodule("0"), x.shape)
     modules = {"dense": gm}
     for name, kwargs in VARIANTS.items():
         form = name.rstrip("0123456789")
         if form in supported_forms(geometry) and not (form in ('onehot', 'shift') and k >= 7):  # >100× slower
-            modules[name] = lowered(gm, form, **kwargs)
+            modules[name] = lowered_copy(gm, form, **kwargs)
     reference = gm(x)
     sessions = {}
     for name, m in modules.items():

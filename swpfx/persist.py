@@ -43,12 +43,10 @@ Example:
 
 from __future__ import annotations
 
-import builtins
 import hashlib
 import inspect
 import json
 import math
-import operator
 import os
 import re
 import tempfile
@@ -438,12 +436,23 @@ def _is_plain_container(module: nn.Module, called: set[str], path: str) -> bool:
         type(module).__name__])
 
 
+def _payload(t: torch.Tensor, storages: set[int]) -> torch.Tensor:
+    """The tensor as safetensors stores it: CPU, contiguous, owning its storage (copied only when needed)."""
+    t = t.detach().cpu()
+    ptr = t.untyped_storage().data_ptr()
+    if not t.is_contiguous() or ptr in storages or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        t = t.contiguous().clone()  # safetensors refuses tensors that share or only view a storage
+    storages.add(t.untyped_storage().data_ptr())
+    return t
+
+
 def _plan_modules(gm: fx.GraphModule, tensors: dict[str, torch.Tensor]) -> tuple[list, list]:
     called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
     attr_targets = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     modules, tensor_plan = [], []
     seen_modules: dict[int, str] = {}
     seen_tensors: dict[int, str] = {}
+    storages: set[int] = set()
     owned_by_parent: set[str] = set()
     for path, module in gm.named_modules(remove_duplicate=False):
         if id(module) in seen_modules:
@@ -483,7 +492,7 @@ def _plan_modules(gm: fx.GraphModule, tensors: dict[str, torch.Tensor]) -> tuple
             else:
                 seen_tensors[id(t)] = full
                 record.update(shape=list(t.shape), dtype=_enum_name(t.dtype), key=f"t/{full}")
-                tensors[record["key"]] = t.detach().cpu().contiguous().clone()
+                tensors[record["key"]] = _payload(t, storages)
             tensor_plan.append(record)
     known = {r["path"] for r in tensor_plan}
     for target in sorted(attr_targets - known):
@@ -499,7 +508,7 @@ def _plan_modules(gm: fx.GraphModule, tensors: dict[str, torch.Tensor]) -> tuple
         else:
             seen_tensors[id(value)] = target
             record.update(shape=list(value.shape), dtype=_enum_name(value.dtype), key=f"t/{target}")
-            tensors[record["key"]] = value.detach().cpu().contiguous().clone()
+            tensors[record["key"]] = _payload(value, storages)
         tensor_plan.append(record)
     return modules, tensor_plan
 
@@ -558,7 +567,7 @@ def _digest(plan: str, tensors: dict[str, torch.Tensor]) -> str:
         t = tensors[key].detach().cpu().contiguous()
         h.update(f"\0{key}\0{_enum_name(t.dtype)}\0{list(t.shape)}\0".encode())
         if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # buffer protocol: no copy
     return h.hexdigest()
 
 
@@ -648,9 +657,9 @@ def read_file(path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def _loaded_tensor(record: dict, tensors: dict[str, torch.Tensor], device) -> torch.Tensor:
     key = record.get("key")
-    if key not in tensors:
+    if key not in tensors or not key.startswith("t/"):
         raise _fail(f"tensor '{record.get('path')}' is missing from the file")
-    t = tensors[key]
+    t = tensors.pop(key)  # each module tensor is used once (aliases share it); frees memory as we go
     dtype = _torch_constant(record.get("dtype"), torch.dtype, "dtype")
     if list(t.shape) != record.get("shape") or t.dtype != dtype:
         raise _fail(f"tensor '{record['path']}' has shape {list(t.shape)} and dtype {t.dtype}, but the plan says "

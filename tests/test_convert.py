@@ -68,7 +68,7 @@ def test_torchvision_subset_exact_and_smaller(name):
     model = build(name)
     x = torch.randn(2, 3, size, size, generator=g)
     prepared = prepared_with_random_masks(model, x)
-    deployed = convert(prepared, THRESHOLD, lowering="never")
+    deployed = convert(prepared, THRESHOLD, lowering="never", channel_multiple=1)
     check_exact(prepared, deployed, x)
     deployed.graph.lint()
     assert n_params(deployed) < n_params(model)
@@ -83,7 +83,7 @@ def test_lowered_models_are_exact(name, protocol):
     model = build(name)
     x = torch.randn(2, 3, 48, 48, generator=g)
     prepared = prepared_with_random_masks(model, x, protocol)
-    deployed = convert(prepared, THRESHOLD, lowering="always")
+    deployed = convert(prepared, THRESHOLD, lowering="always", channel_multiple=1)
     check_exact(prepared, deployed, x)
     deployed.graph.lint()
     lowered = [n for n in deployed.graph.nodes if n.meta.get("swpfx", {}).get("lowering") not in (None, "dense")]
@@ -99,7 +99,7 @@ def test_convert_all_models(name):
     model = build(name)
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(3))
     prepared = prepared_with_random_masks(model, x)
-    deployed = convert(prepared, THRESHOLD, lowering="never")
+    deployed = convert(prepared, THRESHOLD, lowering="never", channel_multiple=1)
     check_exact(prepared, deployed, x)
     deployed.graph.lint()
     assert n_params(deployed) <= n_params(model)
@@ -141,7 +141,7 @@ def test_dead_filter_constant_is_folded_exactly(padding):
     x = torch.randn(2, 3, 8, 8)
     prepared = swpfx.prepare(model, (x,)).eval()
     kill_filters(prepared, "conv1", [1, 4, 5])
-    deployed = convert(prepared, THRESHOLD, lowering="never")
+    deployed = convert(prepared, THRESHOLD, lowering="never", channel_multiple=1)
     assert deployed.get_submodule("conv1").out_channels == 5
     assert deployed.get_submodule("conv2").in_channels == 5
     # with zero padding the constant's effect depends on the position: a bias map
@@ -162,7 +162,7 @@ def test_dead_filters_before_flatten_linear_fold_into_linear_bias():
     x = torch.randn(2, 3, 8, 8)
     prepared = swpfx.prepare(model, (x,)).eval()
     kill_filters(prepared, "conv2", [0, 3])
-    deployed = convert(prepared, THRESHOLD, lowering="never")
+    deployed = convert(prepared, THRESHOLD, lowering="never", channel_multiple=1)
     assert deployed.get_submodule("fc").in_features == 4 * 64
     check_exact(prepared, deployed, x, tol=1e-5)
 
@@ -173,7 +173,7 @@ def test_every_filter_of_a_conv_dead_is_still_exact():
     x = torch.randn(2, 3, 8, 8)
     prepared = swpfx.prepare(model, (x,)).eval()
     kill_filters(prepared, "conv1", slice(None))
-    deployed = convert(prepared, THRESHOLD, lowering="never")
+    deployed = convert(prepared, THRESHOLD, lowering="never", channel_multiple=1)
     assert deployed.get_submodule("conv1").out_channels == 1  # one channel kept so shapes stay valid
     check_exact(prepared, deployed, x, tol=1e-5)
 
@@ -200,7 +200,7 @@ def test_residual_add_removes_only_channels_dead_in_every_producer():
     prepared = swpfx.prepare(model, (x,)).eval()
     kill_filters(prepared, "stem", [0, 1, 2])
     kill_filters(prepared, "conv1", [1, 2, 3])
-    deployed = convert(prepared, THRESHOLD, lowering="never")
+    deployed = convert(prepared, THRESHOLD, lowering="never", channel_multiple=1)
     # channels 1 and 2 are dead in both producers; 0 and 3 are alive in one of them
     assert deployed.get_submodule("stem").out_channels == 6
     assert deployed.get_submodule("conv1").out_channels == 6
@@ -229,7 +229,7 @@ def test_depthwise_channel_goes_only_when_both_producers_are_dead():
     prepared = swpfx.prepare(model, (x,)).eval()
     kill_filters(prepared, "pw", [0, 1])
     kill_filters(prepared, "dw", [0, 1, 4])  # input channel 0 -> outputs 0, 1 ; input 2 -> 4, 5
-    deployed = convert(prepared, THRESHOLD, lowering="never")
+    deployed = convert(prepared, THRESHOLD, lowering="never", channel_multiple=1)
     dw = deployed.get_submodule("dw")
     assert (dw.in_channels, dw.out_channels, dw.groups) == (7, 14, 7)
     check_exact(prepared, deployed, x, tol=1e-5)
@@ -254,7 +254,7 @@ def test_concat_offsets_channels():
     prepared = swpfx.prepare(model, (x,)).eval()
     kill_filters(prepared, "a", [3])
     kill_filters(prepared, "b", [0, 5])
-    deployed = convert(prepared, THRESHOLD, lowering="never")
+    deployed = convert(prepared, THRESHOLD, lowering="never", channel_multiple=1)
     assert deployed.get_submodule("bn").num_features == 7
     assert deployed.get_submodule("c").in_channels == 7
     check_exact(prepared, deployed, x, tol=1e-5)
@@ -265,7 +265,7 @@ def test_channels_reaching_the_output_are_kept():
     x = torch.randn(1, 3, 8, 8)
     prepared = swpfx.prepare(model, (x,)).eval()
     kill_filters(prepared, "0", [0, 1])
-    deployed = convert(prepared, THRESHOLD, lowering="never")
+    deployed = convert(prepared, THRESHOLD, lowering="never", channel_multiple=1)
     assert deployed.get_submodule("0").out_channels == 4
     check_exact(prepared, deployed, x, tol=1e-6)
 
@@ -296,7 +296,7 @@ def test_prepared_model_is_not_modified():
     kill_filters(prepared, "conv1", [0])
     before = {k: v.clone() for k, v in prepared.state_dict().items()}
     code = prepared.code
-    convert(prepared, THRESHOLD, lowering="never")
+    convert(prepared, THRESHOLD, lowering="never", channel_multiple=1)
     assert prepared.code == code
     after = prepared.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
@@ -306,7 +306,7 @@ def test_graph_is_readable_and_meta_records_masks():
     model = torchvision.models.resnet18(num_classes=10).eval()
     x = torch.randn(1, 3, 32, 32)
     prepared = prepared_with_random_masks(model, x)
-    deployed = convert(prepared, THRESHOLD, lowering="never")
+    deployed = convert(prepared, THRESHOLD, lowering="never", channel_multiple=1)
     names = {n.name for n in deployed.graph.nodes}
     assert "layer1_0_conv1" in names
     node = next(n for n in deployed.graph.nodes if n.name == "layer1_0_conv1")
@@ -340,3 +340,17 @@ def test_convert_without_recorded_shapes_needs_example_inputs():
         convert(prepared, 0.1)
     deployed = convert(prepared, 0.1, example_inputs=(torch.randn(1, 3, 8, 8),), lowering="never")
     assert isinstance(deployed, torch.fx.GraphModule)
+
+
+def test_channel_multiple_rounds_kept_filters_up():
+    """Kept output channels are rounded up to a multiple by keeping dead filters; still exact."""
+    model = ConvBnReluChain(1).eval()
+    randomize_batchnorm_(model, torch.Generator().manual_seed(7))
+    x = torch.randn(2, 3, 8, 8)
+    prepared = swpfx.prepare(model, (x,)).eval()
+    kill_filters(prepared, "conv1", [0, 1, 2, 3, 4])  # 3 of 8 left
+    assert convert(prepared, THRESHOLD, lowering="never", channel_multiple=1).get_submodule("conv1").out_channels == 3
+    rounded = convert(prepared, THRESHOLD, lowering="never", channel_multiple=2)
+    assert rounded.get_submodule("conv1").out_channels == 4
+    assert convert(prepared, THRESHOLD, lowering="never", channel_multiple=16).get_submodule("conv1").out_channels == 8
+    check_exact(prepared, rounded, x, tol=1e-5)

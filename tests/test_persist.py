@@ -344,10 +344,14 @@ def test_all_torchvision_models_round_trip(name, tmp_path):
     """Every torchvision classification model, prepared: bit-identical outputs and code after save/load."""
     from test_prepare_torchvision import MIN_TEST_SIZE, SMALLEST_INPUT
 
+    if name in ("regnet_y_128gf", "vit_h_14"):  # > 600 M parameters: the round trip holds ~4 copies (> 10 GB)
+        pytest.skip("too large for a shared CI machine's memory")
+
     kwargs = {"aux_logits": False, "init_weights": False} if name in ("googlenet", "inception_v3") else {}
     model = torchvision.models.get_model(name, weights=None, **kwargs).eval()
     size = max(SMALLEST_INPUT[name], MIN_TEST_SIZE)
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
     prepared = swpfx.prepare(model, (x,)).eval()
+    del model
     loaded = assert_round_trip(prepared, x, tmp_path / "m.safetensors")
     assert list(swpfx.skeletons(loaded)) == list(swpfx.skeletons(prepared))
