@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.swpfx-installed
 
-.PHONY: demo test test-slow bench install clean
+.PHONY: demo test test-slow fuzz-nightly install clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -m slow -q tests
+
+fuzz-nightly: $(STAMP)
+	SWPFX_FUZZ_EXAMPLES=5000 $(BIN)/python -m pytest -n 2 -m slow -q tests/test_fuzz.py
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

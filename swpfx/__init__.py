@@ -11,6 +11,7 @@ from swpfx.central_filter import central_filter, l1_filter_prune
 from swpfx.convert import convert
 from swpfx.cost import CostReport, compare, cost
 from swpfx.export import ExportError, ExportResult, ExportVerificationError, export_onnx, ort_session, run_onnx, verify_onnx
+from swpfx.persist import load, save
 from swpfx.prepare import PrepareConfig, is_prepared, prepare, skeletons, skipped_convs
 from swpfx.tracing import TracingError
 from swpfx.training import param_groups, regularize_skeletons_, skeleton_penalty
@@ -29,11 +30,13 @@ __all__ = [
     "export_onnx",
     "is_prepared",
     "l1_filter_prune",
+    "load",
     "param_groups",
     "ort_session",
     "prepare",
     "regularize_skeletons_",
     "run_onnx",
+    "save",
     "skeleton_penalty",
     "skeletons",
     "skipped_convs",
