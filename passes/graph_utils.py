@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.nn.utils import skip_init
 
 CONV2D_FUNCTIONS = (torch.conv2d, F.conv2d)
 META_KEY = "swpfx"
@@ -39,19 +39,6 @@ def get_attr_path(root: nn.Module, target: str) -> Any:
 def split_path(target: str) -> tuple[str, str]:
     owner, _, leaf = target.rpartition(".")
     return owner, leaf
-
-
-def set_attr_path(root: nn.Module, target: str, value: Any) -> None:
-    owner, leaf = split_path(target)
-    module = root.get_submodule(owner) if owner else root
-    if isinstance(value, nn.Parameter) or (isinstance(value, torch.Tensor) and leaf in module._parameters):
-        module.register_parameter(leaf, value if isinstance(value, nn.Parameter) else nn.Parameter(value))
-    elif isinstance(value, nn.Module):
-        module.add_module(leaf, value)
-    elif isinstance(value, torch.Tensor):
-        module.register_buffer(leaf, value)
-    else:
-        setattr(module, leaf, value)
 
 
 def unique_attr_name(root: nn.Module, base: str) -> str:
@@ -153,9 +140,19 @@ def finalize(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-def is_tensor_method(node: fx.Node, *names: str) -> bool:
-    return node.op == "call_method" and node.target in names
-
-
-ELEMENTWISE_BINARY = (operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.imul,
-                      torch.add, torch.sub, torch.mul, torch.div)
+def batchnorm_channels(bn: nn.modules.batchnorm._BatchNorm, keep) -> nn.Module:
+    """A new BatchNorm of the same type holding only channels ``keep`` (indices) of ``bn``."""
+    keep = torch.as_tensor(keep, dtype=torch.long)
+    new = skip_init(type(bn), len(keep), bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+                    device=bn.weight.device if bn.affine else None,
+                    dtype=bn.weight.dtype if bn.affine else None)
+    with torch.no_grad():
+        if bn.affine:
+            new.weight.copy_(bn.weight[keep])
+            new.bias.copy_(bn.bias[keep])
+        if bn.track_running_stats:
+            new.running_mean.copy_(bn.running_mean[keep])
+            new.running_var.copy_(bn.running_var[keep])
+            new.num_batches_tracked.copy_(bn.num_batches_tracked)
+    new.train(bn.training)
+    return new

@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from passes.graph_utils import get_attr_path, pass_error, split_path, swpfx_meta, unique_attr_name
+from passes.graph_utils import batchnorm_channels, get_attr_path, pass_error, split_path, swpfx_meta, unique_attr_name
 
 PASS = "lower_stripe_convs"
 LOWERINGS = ("never", "always", "auto")
@@ -452,23 +452,6 @@ def channelwise_followers(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
     return chain
 
 
-def _part_batchnorm(bn: nn.BatchNorm2d, filters: list[int]) -> nn.BatchNorm2d:
-    part = nn.BatchNorm2d(len(filters), eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
-                          track_running_stats=bn.track_running_stats, device=bn.running_mean.device
-                          if bn.running_mean is not None else None,
-                          dtype=bn.weight.dtype if bn.affine else None)
-    index = torch.tensor(filters, dtype=torch.long)
-    with torch.no_grad():
-        if bn.affine:
-            part.weight.copy_(bn.weight[index])
-            part.bias.copy_(bn.bias[index])
-        if bn.track_running_stats:
-            part.running_mean.copy_(bn.running_mean[index])
-            part.running_var.copy_(bn.running_var[index])
-            part.num_batches_tracked.copy_(bn.num_batches_tracked)
-    return part.train(bn.training)
-
-
 def apply_followers(b: _Builder, parts: list[tuple[fx.Node, list[int]]], followers: list[fx.Node]):
     """Run the BatchNorm/ReLU followers on every part (exact: both act per channel)."""
     out = []
@@ -476,7 +459,7 @@ def apply_followers(b: _Builder, parts: list[tuple[fx.Node, list[int]]], followe
         y, name = part, part.name[len(b.base) + 1:]
         for follower in followers:
             if follower.op == "call_module" and isinstance(b.gm.get_submodule(follower.target), nn.BatchNorm2d):
-                y = b.module(f"{name}_bn", _part_batchnorm(b.gm.get_submodule(follower.target), filters), y)
+                y = b.module(f"{name}_bn", batchnorm_channels(b.gm.get_submodule(follower.target), filters), y)
             else:
                 y = b.function(torch.relu, (y,), f"{name}_relu")
         out.append((y, filters))

@@ -30,7 +30,7 @@ from torch import fx, nn
 from torch.nn.utils import skip_init
 
 from passes.analyze_channels import ChannelAnalysis, analyze_channels, propagate_shapes
-from passes.graph_utils import get_attr_path, pass_error, swpfx_meta, unique_attr_name
+from passes.graph_utils import batchnorm_channels, get_attr_path, pass_error, swpfx_meta, unique_attr_name
 
 PASS = "remove_channels"
 
@@ -186,22 +186,6 @@ def _sliced_conv(conv: nn.Conv2d, out_keep: torch.Tensor | None, in_keep: torch.
     return new
 
 
-def _sliced_batchnorm(bn: nn.modules.batchnorm._BatchNorm, keep: torch.Tensor) -> nn.Module:
-    new = skip_init(type(bn), len(keep), bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
-                    device=bn.weight.device if bn.affine else None,
-                    dtype=bn.weight.dtype if bn.affine else None)
-    with torch.no_grad():
-        if bn.affine:
-            new.weight.copy_(bn.weight[keep])
-            new.bias.copy_(bn.bias[keep])
-        if bn.track_running_stats:
-            new.running_mean.copy_(bn.running_mean[keep])
-            new.running_var.copy_(bn.running_var[keep])
-            new.num_batches_tracked.copy_(bn.num_batches_tracked)
-    new.train(bn.training)
-    return new
-
-
 def _sliced_linear(linear: nn.Linear, cols: torch.Tensor) -> nn.Linear:
     new = skip_init(nn.Linear, len(cols), linear.out_features, linear.bias is not None,
                     device=linear.weight.device, dtype=linear.weight.dtype)
@@ -343,7 +327,7 @@ def remove_channels(
                 cols = expand_columns(in_keep, analysis.channels[src].expansion)
                 gm.add_submodule(node.target, _sliced_linear(module, cols))
             elif isinstance(module, nn.modules.batchnorm._BatchNorm) and out_keep is not None:
-                gm.add_submodule(node.target, _sliced_batchnorm(module, out_keep))
+                gm.add_submodule(node.target, batchnorm_channels(module, out_keep))
             elif isinstance(module, nn.PReLU) and module.num_parameters > 1 and out_keep is not None:
                 new = nn.PReLU(len(out_keep))
                 with torch.no_grad():
