@@ -51,7 +51,7 @@ def masked_output(prepared, x):
         return ref(x)
 
 
-def check(name: str, lowering: str) -> dict:
+def check(name: str, lowering: str, channel_multiple: int) -> dict:
     model = build(name)
     size = max(SMALLEST_INPUT[name], MIN_TEST_SIZE)
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
@@ -60,7 +60,7 @@ def check(name: str, lowering: str) -> dict:
     t1 = time.perf_counter()
     synthetic_skeletons_(prepared, "random", THRESHOLD, seed=0)
     t2 = time.perf_counter()
-    deployed = swpfx.convert(prepared, THRESHOLD, lowering=lowering)
+    deployed = swpfx.convert(prepared, THRESHOLD, lowering=lowering, channel_multiple=channel_multiple)
     t3 = time.perf_counter()
     with torch.no_grad():
         err = relative_error(deployed(x), masked_output(prepared, x))
@@ -96,6 +96,7 @@ def main() -> int:
     parser.add_argument("--lowering", default="never", choices=("never", "always", "auto"))
     parser.add_argument("--timing", action="store_true", help="time prepare and convert at 224x224 instead")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--channel-multiple", type=int, default=1, help="passed to swpfx.convert (default 1: remove every dead filter that can go)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     names = args.models or torchvision.models.list_models(module=torchvision.models)
@@ -105,13 +106,13 @@ def main() -> int:
             p, c = timing(name, args.repeats)
             print(f"| {name} | {p:.2f} | {c:.2f} | {p + c:.2f} |", flush=True)
         return 0
-    print(f"lowering={args.lowering}, threshold={THRESHOLD}, random mask protocol\n")
+    print(f"lowering={args.lowering}, threshold={THRESHOLD}, channel_multiple={args.channel_multiple}, random mask protocol\n")
     print("| model | input | rel. error | params dense → pruned | FLOPs dense → pruned | filters removed | prepare (s) | convert (s) |")
     print("|---|---|---|---|---|---|---|---|")
     failures = 0
     for name in names:
         try:
-            r = check(name, args.lowering)
+            r = check(name, args.lowering, args.channel_multiple)
         except Exception as exc:  # report and go on: this is a survey
             failures += 1
             print(f"| {name} | | FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:120]} | | | | | |", flush=True)

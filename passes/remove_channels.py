@@ -138,12 +138,12 @@ def removed_contribution(module: nn.Module, x: torch.Tensor, removed_in: torch.T
     """What the removed input channels of ``module`` (a Conv2d or Linear) add to its output.
 
     ``x`` is one sample of the module's input (data-independent in the removed
-    channels); the result is (O,) for a Linear or (O, H', W') for a conv.
+    channels); the result is (O,) for a Linear or (O, H', W') for a conv. Only the
+    removed channels take part, in float64, so the fold adds no rounding of its own.
     """
     cols = expand_columns(removed_in, expansion)
-    only_removed = torch.zeros_like(x, dtype=torch.float64)
-    only_removed[:, cols] = x[:, cols].to(torch.float64)
-    weight = module.weight.detach().to(torch.float64)
+    only_removed = x[:, cols].to(torch.float64)
+    weight = module.weight.detach()[:, cols].to(torch.float64)
     if isinstance(module, nn.Linear):
         return F.linear(only_removed, weight)[0]
     if module.padding_mode != "zeros":

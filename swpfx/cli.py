@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "ONNX Runtime latency and export error, and write ONNX files, metrics.json and plots to --out.")
     demo.add_argument("--out", default="demo-out", help="output directory (default: demo-out)")
     demo.add_argument("--epochs", type=_positive_int, default=None,
-                      help="training epochs with the skeleton penalty (default: 12, or 1 with --quick)")
+                      help="training epochs with the skeleton penalty (default: 30, or 1 with --quick)")
     demo.add_argument("--seed", type=int, default=0, help="seed for initialisation and batch order (default: 0)")
     demo.add_argument("--flops-target", type=_fraction, default=None,
                       help="keep at most this fraction of the dense FLOPs (default: the demo's recipe)")

@@ -53,7 +53,7 @@ from torch import fx, nn
 # ---------------------------------------------------------------- the recipe (chosen by measurement; see .notes)
 
 WIDTHS = (16, 32, 64, 64)
-EPOCHS = 10
+EPOCHS = 30
 QUICK_EPOCHS = 1
 QUICK_SUBSET = 1000
 LR = 3e-3
