@@ -413,7 +413,8 @@ class Liveness:
             if sid is None:
                 sid = len(self.sid_bytes)
                 self.ptr_to_sid[ptr], self.sid_ptr[sid] = sid, ptr
-                self.sid_bytes[sid] = t.untyped_storage().nbytes()
+                # an input may be a view into a larger caller tensor (x[:1]): count only what it shows
+                self.sid_bytes[sid] = nbytes(t) if node.op == "placeholder" else t.untyped_storage().nbytes()
                 self.sid_holders[sid] = set()
                 self.live += self.sid_bytes[sid]
             self.sid_holders[sid].add(node)

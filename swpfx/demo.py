@@ -368,7 +368,8 @@ def prune_to_budget(prepared: fx.GraphModule, flops_target: float, example: tupl
     if mode != "filters":
         raise ValueError(f"mode must be 'filters' or 'stripes', got {mode!r}")
     masks, cut = filter_budget_masks(prepared, flops_target, example, multiple)
-    deployed = convert(with_masks(prepared, masks), threshold=0.5, lowering=lowering, example_inputs=example)
+    deployed = convert(with_masks(prepared, masks), threshold=0.5, lowering=lowering, example_inputs=example,
+                       channel_multiple=multiple)
     ratio = cost(deployed, example).flops / dense_flops
     info = {"flops_target": flops_target, "filter_cut": cut, "flops_ratio": ratio, "channel_multiple": multiple,
             "mode": mode}

@@ -373,3 +373,11 @@ def test_every_torchvision_classifier_matches_flop_counter_mode(name):
     allowed_unknown = ("shifted_window_attention", "_get_relative_position_bias", "_patch_merging_pad",
                        "_get_relative_position_bias_v2")  # swin's fx-wrapped functions
     assert all(op.split(" (")[1].rstrip(")") in allowed_unknown for op in report.unknown_ops), report.unknown_ops
+
+
+def test_peak_memory_counts_only_the_visible_part_of_an_input_view():
+    from swpfx.cost import cost
+
+    model = torch.nn.Conv2d(3, 4, 1)
+    big = torch.randn(100, 3, 16, 16)
+    assert cost(model, (big[:1],)).peak_activation_bytes == cost(model, (big[:1].clone(),)).peak_activation_bytes

@@ -94,7 +94,7 @@ def test_with_masks_converts_to_exactly_the_masked_model():
         new_weight = reference.get_submodule(name).weight * swpfx.skeletons(reference)[name][:, None]
         assert torch.allclose(new_weight, expected_weight, rtol=0, atol=1e-6)
     assert torch.equal(swpfx.skeletons(prepared)["features.conv1"][:2], torch.zeros(2, 3, 3))  # caller untouched
-    deployed = convert(reference, threshold=0.5, lowering="never", example_inputs=(x[:1],))
+    deployed = convert(reference, threshold=0.5, lowering="never", example_inputs=(x[:1],), channel_multiple=1)
     with torch.no_grad():
         expected, actual = reference(x), deployed(x)
     assert torch.allclose(actual, expected, rtol=1e-4, atol=1e-5)

@@ -27,6 +27,8 @@ MODULES = [
     "swpfx.export",
     "swpfx.central_filter",
     "swpfx.data",
+    "swpfx.demo",
+    "swpfx.cli",
 ]
 
 
