@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from passes.graph_utils import batchnorm_channels, get_attr_path, pass_error, split_path, swpfx_meta, unique_attr_name
+from passes.graph_utils import batchnorm_channels, pass_error, split_path, swpfx_meta, unique_attr_name
 
 PASS = "lower_stripe_convs"
 LOWERINGS = ("never", "always", "auto")

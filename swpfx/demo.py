@@ -50,7 +50,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-# ---------------------------------------------------------------- the recipe (chosen by measurement; see .notes)
+from swpfx.data import accuracy
+
+# ---------------------------------------------------------------- the recipe (chosen by measurement; see benchmarks/results/accuracy.md)
 
 WIDTHS = (16, 32, 64, 64)
 EPOCHS = 30
@@ -108,17 +110,6 @@ def demo_cnn(num_classes: int = 10, widths: tuple[int, ...] = WIDTHS) -> nn.Modu
         ("flatten", nn.Flatten()),
         ("classifier", nn.Linear(in_ch, num_classes)),
     ]))
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> float:
-    """Top-1 accuracy in eval mode (the training flag is restored)."""
-    was_training = model.training
-    model.eval()
-    correct = sum(int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
-                  for i in range(0, len(x), batch_size))
-    model.train(was_training)
-    return correct / len(x)
 
 
 # ---------------------------------------------------------------- training
@@ -479,7 +470,6 @@ def run_demo(out="demo-out", epochs: int | None = None, seed: int = 0, quick: bo
     accuracy and speed say nothing.
     """
     import swpfx
-    from swpfx.convert import convert
     from swpfx.cost import compare, cost
     from swpfx.export import export_onnx
 
@@ -502,7 +492,7 @@ def run_demo(out="demo-out", epochs: int | None = None, seed: int = 0, quick: bo
     log(f"prepared {len(swpfx.skeletons(prepared))} convs with filter skeletons; training {epochs} epochs "
         f"(AdamW lr {LR}, skeleton L1 alpha {alpha}, hard-zero |I| <= {THRESHOLD})")
     t0 = time.perf_counter()
-    history = train(prepared, x_train, y_train, epochs, LR, seed, prepared=True, alpha=alpha, threshold=THRESHOLD,
+    train(prepared, x_train, y_train, epochs, LR, seed, prepared=True, alpha=alpha, threshold=THRESHOLD,
                     desc="train", progress=progress)
     train_s = time.perf_counter() - t0
     acc_dense = accuracy(prepared, x_test, y_test)
