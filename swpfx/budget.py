@@ -44,6 +44,28 @@ def normalized_stripe_scores(skels: dict[str, torch.Tensor]) -> dict[str, torch.
     return scores
 
 
+def normalized_filter_scores(skels: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every stripe scored by its *filter's* ``Σ|I|`` over the layer's mean filter mass.
+
+    All stripes of a filter share the score, so a cut removes whole filters (the
+    channel pruning ONNX Runtime turns into speed); stripes that are exactly zero
+    (hard-zeroed in training) score 0 and go at any cut.
+
+    Example:
+        >>> s = normalized_filter_scores({"a": torch.tensor([[[1.0, 0.0]], [[1.5, 1.5]]])})
+        >>> s["a"].tolist()   # filter masses 1 and 3, mean 2
+        [[[0.5, 0.0]], [[1.5, 1.5]]]
+    """
+    scores = {}
+    for name, skel in skels.items():
+        magnitude = skel.detach().abs().double().cpu()
+        mass = magnitude.flatten(1).sum(1)
+        mean = mass.mean()
+        per_filter = mass / mean if mean > 0 else torch.zeros_like(mass)
+        scores[name] = torch.where(magnitude > 0, per_filter[:, None, None].expand_as(magnitude), 0.0)
+    return scores
+
+
 def masks_at_cut(scores: dict[str, torch.Tensor], cut: float) -> dict[str, torch.Tensor]:
     """Keep the stripes scoring strictly above ``cut``."""
     return {name: s > cut for name, s in scores.items()}
@@ -120,7 +142,7 @@ class FlopsEstimator:
 
 
 def masks_for_flops_target(prepared: fx.GraphModule, flops_target: float, lowering: str, probe: tuple,
-                           channel_multiple: int = 1):
+                           channel_multiple: int = 1, granularity: str = "stripe"):
     """The smallest cut whose converted FLOPs are ≤ ``flops_target`` × dense.
 
     FLOPs fall (weakly) as the cut rises, so the smallest such cut prunes the
@@ -130,7 +152,8 @@ def masks_for_flops_target(prepared: fx.GraphModule, flops_target: float, loweri
     from swpfx.convert import convert_with_masks
     from swpfx.cost import cost
 
-    scores = normalized_stripe_scores(skeletons(prepared))
+    score = {"stripe": normalized_stripe_scores, "filter": normalized_filter_scores}[granularity]
+    scores = score(skeletons(prepared))
     cuts = candidate_cuts(scores)
     dense_flops = cost(prepared, probe).flops
     budget = flops_target * dense_flops
@@ -164,6 +187,7 @@ def masks_for_flops_target(prepared: fx.GraphModule, flops_target: float, loweri
     cut = float(cuts[index])
     report = {
         "flops_target": flops_target,
+        "granularity": granularity,
         "normalized_cut": cut,
         "flops_ratio": flops / dense_flops,
         "kept_stripes": int(sum(int((s > cut).sum()) for s in scores.values())),

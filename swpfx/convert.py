@@ -92,7 +92,9 @@ def check_skeletons(prepared: fx.GraphModule) -> None:
             )
 
 
-def _check_args(threshold, flops_target, lowering, channel_multiple=1) -> float | None:
+def _check_args(threshold, flops_target, lowering, channel_multiple=1, granularity="stripe") -> float | None:
+    if granularity not in ("stripe", "filter"):
+        raise ValueError(f"swpfx.convert: granularity must be 'stripe' or 'filter', got {granularity!r}")
     if not isinstance(channel_multiple, int) or channel_multiple < 1:
         raise ValueError(f"swpfx.convert: channel_multiple must be a positive int, got {channel_multiple!r}")
     if lowering not in LOWERING_MODES:
@@ -117,6 +119,7 @@ def convert(
     lowering: str = "auto",
     example_inputs=None,
     channel_multiple: int = 16,
+    granularity: str = "stripe",
 ) -> fx.GraphModule:
     """Deploy a prepared model: a compact GraphModule of standard ops, for inference.
 
@@ -126,6 +129,11 @@ def convert(
        whole graph (their constant effect is folded into the consumers, exactly);
     3. lower convs with partially pruned filters (``lowering``: ``"auto"`` decides per
        conv with a runtime model, ``"always"``, or ``"never"`` to keep dense convs).
+
+    ``granularity`` (with ``flops_target``): ``"stripe"`` ranks single stripes by
+    their per-layer normalised magnitude; ``"filter"`` ranks whole filters by their
+    normalised skeleton mass, so the budget is met by removing channels (what
+    ONNX Runtime turns into speed), keeping only the stripes training zeroed out.
 
     ``channel_multiple`` keeps a few dead filters where needed so that every conv
     keeps a multiple of that many output channels (or all of them): ONNX Runtime's
@@ -146,7 +154,7 @@ def convert(
         32
     """
     _require_prepared(prepared, "convert")
-    threshold = _check_args(threshold, flops_target, lowering, channel_multiple)
+    threshold = _check_args(threshold, flops_target, lowering, channel_multiple, granularity)
     check_skeletons(prepared)
     inputs = example_inputs_for(prepared, example_inputs)
     # One sample is enough: shapes and dead-channel constants do not depend on the batch.
@@ -154,7 +162,7 @@ def convert(
     if flops_target is not None:
         from swpfx.budget import masks_for_flops_target
 
-        masks, cut = masks_for_flops_target(prepared, flops_target, lowering, probe, channel_multiple)
+        masks, cut = masks_for_flops_target(prepared, flops_target, lowering, probe, channel_multiple, granularity)
     else:
         masks, cut = stripe_masks(skeletons(prepared), threshold), {"threshold": threshold}
     gm, removal = convert_with_masks(prepared, masks, lowering, probe, channel_multiple)

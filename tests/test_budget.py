@@ -36,6 +36,28 @@ def test_flops_target_is_met_and_close(prepared_and_input, target, lowering):
     assert cut["flops_target"] == target and cut["flops_ratio"] == pytest.approx(ratio)
 
 
+def test_filter_granularity_meets_the_target_by_removing_whole_filters(prepared_and_input):
+    prepared, x = prepared_and_input
+    deployed = convert(prepared, flops_target=0.5, lowering="never", granularity="filter", channel_multiple=1)
+    ratio = cost(deployed, (x,)).flops / cost(prepared, (x,)).flops
+    assert 0.45 <= ratio <= 0.5
+    assert deployed.meta["swpfx"]["cut"]["granularity"] == "filter"
+    # a filter either keeps all its stripes (the skeletons have no exact zeros) or is dead (zero weights,
+    # kept only where its channel is pinned)
+    for node in deployed.graph.nodes:
+        mask = node.meta.get("swpfx", {}).get("mask")
+        if mask is None:
+            continue
+        partial = ~mask.flatten(1).all(1)
+        weight = deployed.get_submodule(node.target).weight
+        assert bool((weight[partial] == 0).all()), node.name
+
+
+def test_bad_granularity_is_rejected(prepared_and_input):
+    with pytest.raises(ValueError, match="granularity"):
+        convert(prepared_and_input[0], flops_target=0.5, granularity="channel")
+
+
 def test_scores_are_invariant_to_a_layers_scale():
     skels = {"a": torch.rand(4, 3, 3), "b": torch.rand(8, 3, 3)}
     scaled = {"a": skels["a"] * 0.01, "b": skels["b"]}
