@@ -178,7 +178,9 @@ def test_deleted_skeleton_is_a_clear_error():
 
 
 def _central_filter():
-    return pytest.importorskip("swpfx.central_filter").central_filter
+    from swpfx.central_filter import central_filter
+
+    return central_filter
 
 
 @pytest.mark.parametrize("batches,exc,pattern", [
