@@ -30,7 +30,9 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 
+from helpers import randomize_batchnorm_  # noqa: E402
 from passes.analyze_channels import analyze_channels  # noqa: E402
 from passes.measure_channel_similarity import measure_channel_similarity  # noqa: E402
 from passes.remove_channels import remove_channels  # noqa: E402
@@ -136,20 +138,9 @@ def accuracy_benchmark(seeds, rates, epochs: int, ft_epochs: int, ft_lr: float, 
     return "\n".join(lines)
 
 
-def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.rand(m.num_features, generator=g) * 0.4 - 0.2)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.rand(m.num_features, generator=g) * 0.4 - 0.2)
-    return model
-
-
 def timing_benchmark(repeats: int, images: int, size: int, rate: float) -> str:
     torch.manual_seed(0)
-    model = randomize_bn(torchvision.models.resnet18()).eval()
+    model = randomize_batchnorm_(torchvision.models.resnet18(), 0).eval()
     calibration = list(torch.randn(images, 3, size, size).split(32))
     example = (calibration[0][:1],)
     phases: dict[str, list[float]] = {k: [] for k in ("trace + analysis", "similarity", "selection", "removal", "total", "total CPU")}

@@ -10,12 +10,14 @@ CONV2D_FUNCTIONS = (torch.conv2d, torch.nn.functional.conv2d)
 
 
 @torch.no_grad()
-def randomize_batchnorm_(model: nn.Module, generator: torch.Generator) -> nn.Module:
+def randomize_batchnorm_(model: nn.Module, generator: torch.Generator | int) -> nn.Module:
     """Give every BatchNorm random running stats (positive variance) and random affine params, in place.
 
     So that a rewrite that drops or misplaces a BN is never an identity by accident.
-    Returns ``model``.
+    ``generator`` may be a seed. Returns ``model``.
     """
+    if isinstance(generator, int):
+        generator = torch.Generator().manual_seed(generator)
     for module in model.modules():
         if not isinstance(module, nn.modules.batchnorm._NormBase):
             continue

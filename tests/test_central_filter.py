@@ -11,6 +11,7 @@ import torch
 import torchvision
 from torch import nn
 
+from helpers import randomize_batchnorm_
 from passes.measure_channel_similarity import pearson_per_image
 from swpfx.central_filter import (
     central_filter,
@@ -25,15 +26,6 @@ from swpfx.central_filter import (
 # ================================================================ helpers
 
 
-def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.rand(m.num_features, generator=g) * 0.4 - 0.2)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.rand(m.num_features, generator=g) * 0.4 - 0.2)
-    return model
 
 
 def random_similarity(n: int, seed: int, samples: int = 40) -> np.ndarray:
@@ -254,7 +246,7 @@ def duplicate_channel(conv: nn.Conv2d, bn: nn.BatchNorm2d, src: int, dst: int) -
 )
 def test_compensation_is_exact_for_a_duplicated_channel(make, conv, bn, src, dst, rate):
     torch.manual_seed(0)
-    model = randomize_bn(make()).eval()
+    model = randomize_batchnorm_(make(), 0).eval()
     model.get_submodule(bn).bias.data += 1.0  # no dead (all-zero) maps: they would tie with the copy at +1
     duplicate_channel(model.get_submodule(conv), model.get_submodule(bn), src, dst)
     size = 8 if isinstance(model, (Plain, Branches)) else 32
@@ -280,7 +272,7 @@ def test_compensation_is_exact_for_a_duplicated_channel(make, conv, bn, src, dst
 
 def test_cf_prunes_every_independent_conv_by_rate():
     torch.manual_seed(1)
-    model = randomize_bn(Plain()).eval()
+    model = randomize_batchnorm_(Plain(), 0).eval()
     x = torch.randn(2, 3, 8, 8)
     pruned = central_filter(model, [torch.randn(6, 3, 8, 8)], 0.5, (x,))
     # conv3 feeds the Linear through flatten; all three are prunable
@@ -294,7 +286,7 @@ def test_cf_prunes_every_independent_conv_by_rate():
 
 def test_l1_prune_keeps_the_largest_filters():
     torch.manual_seed(2)
-    model = randomize_bn(Plain()).eval()
+    model = randomize_batchnorm_(Plain(), 0).eval()
     x = torch.randn(2, 3, 8, 8)
     pruned = l1_filter_prune(model, {"conv2": 0.25}, (x,))
     norms = model.conv2.weight.abs().sum((1, 2, 3))
@@ -307,7 +299,7 @@ def test_l1_prune_keeps_the_largest_filters():
 
 def test_train_mode_model_keeps_its_batchnorm_statistics():
     torch.manual_seed(6)
-    model = randomize_bn(Plain()).train()
+    model = randomize_batchnorm_(Plain(), 0).train()
     x = torch.randn(2, 3, 8, 8)
     pruned = central_filter(model, [torch.randn(4, 3, 8, 8)], {"conv2": 0.25}, (x,))
     assert pruned.training and model.training
@@ -339,7 +331,7 @@ def test_rate_and_config_errors():
 
 def test_prune_coupled_groups_and_exclude():
     torch.manual_seed(3)
-    model = randomize_bn(torchvision.models.resnet18(num_classes=4)).eval()
+    model = randomize_batchnorm_(torchvision.models.resnet18(num_classes=4), 0).eval()
     x = torch.randn(1, 3, 32, 32)
     pruned = l1_filter_prune(model, 0.25, (x,), config={"prune_coupled": True, "exclude": ["layer4.0.conv1"]})
     # the stem and layer1's block outputs are coupled by the residual adds: one decision for all
@@ -365,7 +357,7 @@ MODELS = {
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_torchvision_models(name):
     torch.manual_seed(4)
-    model = randomize_bn(MODELS[name]()).eval()
+    model = randomize_batchnorm_(MODELS[name](), 0).eval()
     x = torch.randn(2, 3, 64, 64)
     pruned = central_filter(model, [torch.randn(3, 3, 64, 64)], 0.3, (x[:1],))
     record = pruned.meta["swpfx"]["central_filter"]
@@ -389,7 +381,7 @@ def test_torchvision_models(name):
 def test_pruned_model_runs_in_onnx_runtime(tmp_path):
     ort = pytest.importorskip("onnxruntime")
     torch.manual_seed(5)
-    model = randomize_bn(torchvision.models.resnet18(num_classes=10)).eval()
+    model = randomize_batchnorm_(torchvision.models.resnet18(num_classes=10), 0).eval()
     x = torch.randn(1, 3, 64, 64)
     pruned = central_filter(model, [torch.randn(4, 3, 64, 64)], 0.4, (x,))
     path = tmp_path / "cf.onnx"

@@ -10,6 +10,7 @@ import torch
 import torchvision
 from torch import nn
 
+from helpers import randomize_batchnorm_
 from passes.measure_channel_similarity import (
     ChannelCorrelationSum,
     feature_map_node,
@@ -20,15 +21,6 @@ from passes.measure_channel_similarity import (
 from swpfx.tracing import trace
 
 
-def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.rand(m.num_features, generator=g) * 0.4 - 0.2)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.rand(m.num_features, generator=g) * 0.4 - 0.2)
-    return model
 
 
 class ConvBnRelu(nn.Module):
@@ -148,7 +140,7 @@ def test_feature_map_in_resnet_block():
 
 def test_measure_matches_eager_post_activation_maps():
     torch.manual_seed(5)
-    model = randomize_bn(ConvBnRelu()).eval()
+    model = randomize_batchnorm_(ConvBnRelu(), 0).eval()
     batches = [torch.randn(3, 3, 8, 8), (torch.randn(2, 3, 8, 8), torch.tensor([0, 1]))]
     gm = trace(model)
     code_before = gm.code
@@ -167,7 +159,7 @@ def test_measure_matches_eager_post_activation_maps():
 
 
 def test_measure_runs_in_eval_mode_and_restores_training_flag():
-    model = randomize_bn(ConvBnRelu()).train()
+    model = randomize_batchnorm_(ConvBnRelu(), 0).train()
     gm = trace(model)
     x = torch.randn(4, 3, 8, 8)
     before = gm.bn1.running_mean.clone()
@@ -182,7 +174,7 @@ def test_measure_runs_in_eval_mode_and_restores_training_flag():
 
 def test_memory_does_not_grow_with_batches():
     """Only the N×N sums are kept, and every batch is released before the next is read."""
-    gm = trace(randomize_bn(ConvBnRelu()).eval())
+    gm = trace(randomize_batchnorm_(ConvBnRelu(), 0).eval())
     released: list[weakref.ref] = []
 
     def batches(n):
@@ -237,7 +229,7 @@ def test_calibration_data_errors():
 def test_dataloader_batches_work():
     data = torch.utils.data.TensorDataset(torch.randn(10, 3, 8, 8), torch.arange(10))
     loader = torch.utils.data.DataLoader(data, batch_size=4)
-    gm = trace(randomize_bn(ConvBnRelu()).eval())
+    gm = trace(randomize_batchnorm_(ConvBnRelu(), 0).eval())
     result = measure_channel_similarity(gm, ["conv1"], loader)
     assert result["conv1"].shape == (6, 6)
     assert torch.isfinite(result["conv1"]).all()
