@@ -52,15 +52,28 @@ def small_cnn(num_classes: int = 10, widths: tuple[int, ...] = (16, 32, 32, 64, 
     so per-layer settings can name them. With :func:`fit`'s defaults (3 epochs)
     it reaches about 97 % on :func:`load_mnist`'s test split (seed 0: 97.0 %).
     """
+    return conv_stack(widths, num_classes, batchnorm=True, pool_after=(2, 4))
+
+
+def conv_stack(widths: tuple[int, ...], num_classes: int, batchnorm: bool, pool_after: tuple[int, ...],
+               kaiming: bool = False) -> nn.Sequential:
+    """3×3 convs (no bias) for 1-channel input, each followed by BatchNorm (optional) and ReLU, max-pools
+    after the convs numbered in ``pool_after``, then global average pooling and a Linear.
+
+    Layers are named ``features.conv{i}``, ``features.bn{i}``, ``features.relu{i}``, ``features.pool{i}``,
+    ``classifier``.
+    """
     layers: list[tuple[str, nn.Module]] = []
     in_ch = 1
     for i, out_ch in enumerate(widths, start=1):
-        layers += [
-            (f"conv{i}", nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False)),
-            (f"bn{i}", nn.BatchNorm2d(out_ch)),
-            (f"relu{i}", nn.ReLU(inplace=True)),
-        ]
-        if i in (2, 4):
+        conv = nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False)
+        if kaiming:
+            nn.init.kaiming_normal_(conv.weight, mode="fan_in", nonlinearity="relu")
+        layers.append((f"conv{i}", conv))
+        if batchnorm:
+            layers.append((f"bn{i}", nn.BatchNorm2d(out_ch)))
+        layers.append((f"relu{i}", nn.ReLU(inplace=batchnorm)))
+        if i in pool_after:
             layers.append((f"pool{i}", nn.MaxPool2d(2)))
         in_ch = out_ch
     return nn.Sequential(OrderedDict([

@@ -43,14 +43,13 @@ import math
 import os
 import statistics
 import time
-from collections import OrderedDict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from swpfx.data import accuracy
+from swpfx.data import accuracy, conv_stack
 
 # ---------------------------------------------------------------- the recipe (chosen by measurement; see benchmarks/results/accuracy.md)
 
@@ -95,21 +94,7 @@ def demo_cnn(num_classes: int = 10, widths: tuple[int, ...] = WIDTHS) -> nn.Modu
         >>> demo_cnn()(torch.randn(2, 1, 28, 28)).shape
         torch.Size([2, 10])
     """
-    layers: list[tuple[str, nn.Module]] = []
-    in_ch = 1
-    for i, out_ch in enumerate(widths, start=1):
-        conv = nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False)
-        nn.init.kaiming_normal_(conv.weight, mode="fan_in", nonlinearity="relu")
-        layers += [(f"conv{i}", conv), (f"relu{i}", nn.ReLU())]
-        if i in (1, 3):
-            layers.append((f"pool{i}", nn.MaxPool2d(2)))
-        in_ch = out_ch
-    return nn.Sequential(OrderedDict([
-        ("features", nn.Sequential(OrderedDict(layers))),
-        ("pool", nn.AdaptiveAvgPool2d(1)),
-        ("flatten", nn.Flatten()),
-        ("classifier", nn.Linear(in_ch, num_classes)),
-    ]))
+    return conv_stack(widths, num_classes, batchnorm=False, pool_after=(1, 3), kaiming=True)
 
 
 # ---------------------------------------------------------------- training
