@@ -47,24 +47,22 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def _fraction(text: str) -> float:
+def _number(text: str, ok, requirement: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}")
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {requirement}, got {text!r}")
     return value
+
+
+def _fraction(text: str) -> float:
+    return _number(text, lambda v: 0 < v <= 1, "a fraction in (0, 1]")
 
 
 def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
+    return _number(text, lambda v: v >= 0, "a number >= 0")
 
 
 def _positive_int(text: str) -> int:

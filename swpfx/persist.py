@@ -454,6 +454,17 @@ def _plan_modules(gm: fx.GraphModule, tensors: dict[str, torch.Tensor]) -> tuple
     seen_tensors: dict[int, str] = {}
     storages: set[int] = set()
     owned_by_parent: set[str] = set()
+
+    def add_tensor(record: dict, t: torch.Tensor) -> None:
+        """Plan ``t`` at ``record['path']``: its payload, or an alias of a tensor planned before."""
+        if id(t) in seen_tensors:
+            record["alias_of"] = seen_tensors[id(t)]
+        else:
+            seen_tensors[id(t)] = record["path"]
+            record.update(shape=list(t.shape), dtype=_enum_name(t.dtype), key=f"t/{record['path']}")
+            tensors[record["key"]] = _payload(t, storages)
+        tensor_plan.append(record)
+
     for path, module in gm.named_modules(remove_duplicate=False):
         if id(module) in seen_modules:
             modules.append({"path": path, "alias_of": seen_modules[id(module)]})
@@ -487,13 +498,7 @@ def _plan_modules(gm: fx.GraphModule, tensors: dict[str, torch.Tensor]) -> tuple
                 record["persistent"] = name not in module._non_persistent_buffers_set
             if kind == "parameter":
                 record["requires_grad"] = t.requires_grad
-            if id(t) in seen_tensors:
-                record["alias_of"] = seen_tensors[id(t)]
-            else:
-                seen_tensors[id(t)] = full
-                record.update(shape=list(t.shape), dtype=_enum_name(t.dtype), key=f"t/{full}")
-                tensors[record["key"]] = _payload(t, storages)
-            tensor_plan.append(record)
+            add_tensor(record, t)
     known = {r["path"] for r in tensor_plan}
     for target in sorted(attr_targets - known):
         owner, _, leaf = target.rpartition(".")
@@ -502,14 +507,7 @@ def _plan_modules(gm: fx.GraphModule, tensors: dict[str, torch.Tensor]) -> tuple
             continue
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"swpfx.save: get_attr target '{target}' is a {type(value).__name__}, not a tensor")
-        record = {"path": target, "kind": "attribute"}
-        if id(value) in seen_tensors:
-            record["alias_of"] = seen_tensors[id(value)]
-        else:
-            seen_tensors[id(value)] = target
-            record.update(shape=list(value.shape), dtype=_enum_name(value.dtype), key=f"t/{target}")
-            tensors[record["key"]] = _payload(value, storages)
-        tensor_plan.append(record)
+        add_tensor({"path": target, "kind": "attribute"}, value)
     return modules, tensor_plan
 
 
