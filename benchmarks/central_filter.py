@@ -33,9 +33,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from helpers import randomize_batchnorm_  # noqa: E402
-from passes.analyze_channels import analyze_channels  # noqa: E402
-from passes.measure_channel_similarity import measure_channel_similarity  # noqa: E402
-from passes.remove_channels import remove_channels  # noqa: E402
+from swpfx.passes.analyze_channels import analyze_channels  # noqa: E402
+from swpfx.passes.measure_channel_similarity import measure_channel_similarity  # noqa: E402
+from swpfx.passes.remove_channels import remove_channels  # noqa: E402
 from swpfx.central_filter import (  # noqa: E402
     FilterPruneConfig,
     central_filter,

@@ -3,7 +3,7 @@
 Every layer is an isolated conv (batch 1, ResNet-18 at 224² input) with a mask
 from one of issue 4's protocols; dead filters are dropped, so "dense" is the
 conv ``lowering="never"`` leaves (already 10 % smaller than the original).
-Forms are built by ``passes.lower_stripe_convs.lower_conv`` (exactly what the
+Forms are built by ``swpfx.passes.lower_stripe_convs.lower_conv`` (exactly what the
 pass emits), exported with ``torch.onnx.export(dynamo=False)``, checked against
 torch, and timed interleaved (ORT CPU, 2 intra-op threads, medians).
 
@@ -16,7 +16,7 @@ import argparse
 
 import torch
 
-from passes.lower_stripe_convs import ConvGeometry, supported_forms
+from swpfx.passes.lower_stripe_convs import ConvGeometry, supported_forms
 from swpfx.masks import random_stripe_mask, structured_stripe_mask
 from swpfx.runtime_model import lowered_copy, onnx_bytes, ort_session, stripe_conv_module, time_interleaved
 

@@ -32,7 +32,7 @@ from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
-from passes.graph_utils import pass_error
+from .graph_utils import pass_error
 
 PASS = "analyze_channels"
 

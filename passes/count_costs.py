@@ -52,7 +52,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
-from passes.graph_utils import get_attr_path, swpfx_meta
+from .graph_utils import get_attr_path, swpfx_meta
 
 PASS = "count_costs"
 COMPUTE_OPS = ("call_module", "call_function", "call_method")

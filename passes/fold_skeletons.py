@@ -16,7 +16,7 @@ import torch
 from torch import fx, nn
 from torch.nn.utils import skip_init
 
-from passes.graph_utils import (
+from .graph_utils import (
     Conv2dArgs,
     depends_only_on_attributes,
     erase_unused_attributes,

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from passes.graph_utils import (
+from .graph_utils import (
     Conv2dArgs,
     depends_only_on_attributes,
     evaluate_attribute_expression,

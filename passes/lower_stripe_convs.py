@@ -38,7 +38,7 @@ the lowered form to be faster than the dense conv (see ``swpfx.runtime_model``).
 Example:
     >>> import torch
     >>> from torch import fx, nn
-    >>> from passes.lower_stripe_convs import lower_stripe_convs, mark_stripe_conv
+    >>> from swpfx.passes.lower_stripe_convs import lower_stripe_convs, mark_stripe_conv
     >>> conv = nn.Conv2d(8, 16, 3, padding=1)
     >>> gm = fx.symbolic_trace(nn.Sequential(conv))
     >>> mask = torch.zeros(16, 3, 3, dtype=torch.bool); mask[:, 1, 1] = True; mask[:8, 1, :] = True
@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from passes.graph_utils import batchnorm_channels, pass_error, split_path, swpfx_meta, unique_attr_name
+from .graph_utils import batchnorm_channels, pass_error, split_path, swpfx_meta, unique_attr_name
 
 PASS = "lower_stripe_convs"
 LOWERINGS = ("never", "always", "auto")

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from passes.graph_utils import pass_error, swpfx_meta
+from .graph_utils import pass_error, swpfx_meta
 
 PASS = "measure_channel_similarity"
 

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils import skip_init
 
-from passes.analyze_channels import ChannelAnalysis, analyze_channels, propagate_shapes
-from passes.graph_utils import batchnorm_channels, get_attr_path, pass_error, swpfx_meta, unique_attr_name
+from .analyze_channels import ChannelAnalysis, analyze_channels, propagate_shapes
+from .graph_utils import batchnorm_channels, get_attr_path, pass_error, swpfx_meta, unique_attr_name
 
 PASS = "remove_channels"
 

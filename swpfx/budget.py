@@ -21,10 +21,10 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from passes.analyze_channels import ChannelAnalysis, analyze_channels
-from passes.fold_skeletons import fold_skeletons
-from passes.graph_utils import swpfx_meta
-from passes.remove_channels import keep_indices, plan_removal
+from swpfx.passes.analyze_channels import ChannelAnalysis, analyze_channels
+from swpfx.passes.fold_skeletons import fold_skeletons
+from swpfx.passes.graph_utils import swpfx_meta
+from swpfx.passes.remove_channels import keep_indices, plan_removal
 from swpfx.prepare import skeletons
 
 

@@ -10,9 +10,9 @@ removed map that equals its central map is compensated exactly.
 The selection math lives in pure functions (numpy / networkx in, lists and
 dicts out): :func:`removal_count`, :func:`similarity_threshold`,
 :func:`closeness`, :func:`select_central_filters`, :func:`select_smallest`.
-The graph work is done by the channel analysis (``passes.analyze_channels``),
-the similarity measurement (``passes.measure_channel_similarity``) and the
-channel removal (``passes.remove_channels``).
+The graph work is done by the channel analysis (``swpfx.passes.analyze_channels``),
+the similarity measurement (``swpfx.passes.measure_channel_similarity``) and the
+channel removal (``swpfx.passes.remove_channels``).
 
 Differences from the reference implementation, on purpose:
 - every removed channel is assigned to a channel that is *kept* (the
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from passes.measure_channel_similarity import measure_channel_similarity
+from swpfx.passes.measure_channel_similarity import measure_channel_similarity
 from swpfx.tracing import normalize_example_inputs, trace
 
 META = "swpfx"
@@ -459,8 +459,8 @@ def prune_filters(model: nn.Module, rate, example_inputs, choose: Chooser, confi
 
 
 def _prune_traced(gm, example_inputs, rate, choose, cfg, compensate, who, before_choose) -> None:
-    from passes.analyze_channels import analyze_channels
-    from passes.remove_channels import remove_channels
+    from swpfx.passes.analyze_channels import analyze_channels
+    from swpfx.passes.remove_channels import remove_channels
 
     analysis = analyze_channels(gm, example_inputs)
     targets = prune_targets(gm, analysis, rate, cfg, who)

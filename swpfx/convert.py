@@ -8,9 +8,9 @@ import math
 import torch
 from torch import fx
 
-from passes.fold_skeletons import fold_skeletons, stripe_masks
-from passes.graph_utils import evaluate_attribute_expression, get_attr_path, swpfx_meta
-from passes.remove_channels import remove_channels
+from swpfx.passes.fold_skeletons import fold_skeletons, stripe_masks
+from swpfx.passes.graph_utils import evaluate_attribute_expression, get_attr_path, swpfx_meta
+from swpfx.passes.remove_channels import remove_channels
 from swpfx.prepare import META, _require_prepared, skeletons
 from swpfx.tracing import normalize_example_inputs
 
@@ -183,7 +183,7 @@ def convert_with_masks(prepared: fx.GraphModule, masks: dict, lowering: str, pro
     removal = remove_channels(gm, probe, dead_filters(gm), fold_constants=True, channel_multiple=channel_multiple)
     mark_kept_dead_filters(gm)
     if lowering != "never":
-        from passes.lower_stripe_convs import lower_stripe_convs
+        from swpfx.passes.lower_stripe_convs import lower_stripe_convs
 
         lower_stripe_convs(gm, lowering=lowering)
     gm.graph.eliminate_dead_code()

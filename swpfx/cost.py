@@ -28,7 +28,7 @@ import torch
 from tabulate import tabulate
 from torch import fx, nn
 
-from passes.count_costs import NodeCost, count_costs
+from swpfx.passes.count_costs import NodeCost, count_costs
 from swpfx.tracing import normalize_example_inputs, trace
 
 COMPUTE_KINDS = ("call_module", "call_function", "call_method")
@@ -73,7 +73,7 @@ def reduction(a: float, b: float) -> str:
 class CostReport:
     """Per-node costs of one model on one set of example inputs, with totals.
 
-    ``rows`` has one :class:`~passes.count_costs.NodeCost` per graph node;
+    ``rows`` has one :class:`~swpfx.passes.count_costs.NodeCost` per graph node;
     ``per_layer`` keeps the activation-side compute nodes (no inputs, outputs,
     ``get_attr`` or weight-side nodes). Totals exclude weight-side nodes, which
     are reported on their own in ``weight_op_flops``.

@@ -215,7 +215,7 @@ def kept_stripe_masks(prepared: fx.GraphModule, deployed: fx.GraphModule) -> dic
         from swpfx.budget import masks_at_cut, normalized_stripe_scores
 
         return masks_at_cut(normalized_stripe_scores(skels), cut["normalized_cut"])
-    from passes.fold_skeletons import stripe_masks
+    from swpfx.passes.fold_skeletons import stripe_masks
 
     return stripe_masks(skels, cut.get("threshold", 0.05))
 

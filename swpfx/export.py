@@ -49,8 +49,8 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_leaves
 
-from passes.count_costs import weight_side_nodes
-from passes.graph_utils import erase_unused_attributes, evaluate_attribute_expression, finalize, unique_attr_name
+from swpfx.passes.count_costs import weight_side_nodes
+from swpfx.passes.graph_utils import erase_unused_attributes, evaluate_attribute_expression, finalize, unique_attr_name
 from swpfx.tracing import normalize_example_inputs
 
 DEFAULT_RTOL = 1e-4

@@ -10,8 +10,8 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from passes.graph_utils import get_attr_path
-from passes.insert_skeletons import SkippedConv, insert_skeletons
+from swpfx.passes.graph_utils import get_attr_path
+from swpfx.passes.insert_skeletons import SkippedConv, insert_skeletons
 from swpfx.tracing import input_specs, normalize_example_inputs, trace
 
 META = "swpfx"

@@ -13,7 +13,7 @@ minute) and caches them as JSON (``~/.cache/swpfx/runtime_model.json``), which
 Example:
     >>> import torch
     >>> from torch import nn
-    >>> from passes.lower_stripe_convs import ConvGeometry
+    >>> from swpfx.passes.lower_stripe_convs import ConvGeometry
     >>> model = default_runtime_model(cache="/nonexistent.json")   # the shipped table
     >>> geometry = ConvGeometry.of(nn.Conv2d(512, 512, 3, padding=1), (1, 512, 7, 7))
     >>> mask = torch.ones(512, 3, 3, dtype=torch.bool)
@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from passes.lower_stripe_convs import ConvGeometry, box_groups, stripe_count_buckets
+from swpfx.passes.lower_stripe_convs import ConvGeometry, box_groups, stripe_count_buckets
 
 
 def onnx_bytes(model: nn.Module, example_input: torch.Tensor, opset: int = 17) -> bytes:
@@ -292,7 +292,7 @@ def stripe_conv_module(c_in: int, mask, k: int, stride: int, padding: int, hw: i
     """An isolated conv (one fx.GraphModule node) matching the lowering pass's input contract, and its input."""
     from torch import fx
 
-    from passes.lower_stripe_convs import mark_stripe_conv
+    from swpfx.passes.lower_stripe_convs import mark_stripe_conv
 
     torch.manual_seed(seed)
     conv = nn.Conv2d(c_in, mask.shape[0], k, stride=stride, padding=padding, bias=False)
@@ -306,7 +306,7 @@ def lowered_copy(gm, form: str, **options):
     """A deep copy of a one-conv module with its conv lowered to ``form``."""
     import copy
 
-    from passes.lower_stripe_convs import lower_conv
+    from swpfx.passes.lower_stripe_convs import lower_conv
 
     gm = copy.deepcopy(gm)
     node = next(n for n in gm.graph.nodes if n.op == "call_module")
@@ -364,7 +364,7 @@ def calibrate(cache=DEFAULT_CACHE, shapes=CALIBRATION_SHAPES, rounds: int = 40, 
 
     >>> model = calibrate(cache=None, shapes=[(64, 64, 3, 1, 1, 14)], rounds=3)  # doctest: +SKIP
     """
-    from passes.lower_stripe_convs import supported_forms
+    from swpfx.passes.lower_stripe_convs import supported_forms
     from swpfx.masks import random_stripe_mask, structured_stripe_mask
 
     torch.set_num_threads(2)

@@ -7,7 +7,7 @@ import torch
 import torchvision
 from torch import nn
 
-from passes.analyze_channels import analyze_channels
+from swpfx.passes.analyze_channels import analyze_channels
 from swpfx.tracing import trace
 
 

@@ -12,7 +12,7 @@ import torchvision
 from torch import nn
 
 from helpers import randomize_batchnorm_
-from passes.measure_channel_similarity import pearson_per_image
+from swpfx.passes.measure_channel_similarity import pearson_per_image
 from swpfx.central_filter import (
     central_filter,
     closeness,

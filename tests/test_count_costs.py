@@ -16,7 +16,7 @@ import swpfx
 from helpers import randomize_batchnorm_
 from swpfx.convert import convert
 from swpfx.synthetic import synthetic_skeletons_
-from passes.count_costs import count_costs
+from swpfx.passes.count_costs import count_costs
 from swpfx.cost import CostReport, compare, cost, human
 from swpfx.tracing import trace
 

@@ -9,8 +9,8 @@ from torch import nn
 
 import swpfx
 from helpers import randomize_batchnorm_, randomize_skeletons_, relative_error
-from passes.fold_skeletons import fold_skeletons, masked_weight, stripe_masks
-from passes.graph_utils import PassError
+from swpfx.passes.fold_skeletons import fold_skeletons, masked_weight, stripe_masks
+from swpfx.passes.graph_utils import PassError
 
 
 def test_stripe_masks_threshold_is_inclusive():

@@ -14,7 +14,7 @@ from torch import fx, nn
 
 import swpfx
 from helpers import Conv2dCounter, randomize_batchnorm_, randomize_skeletons_, relative_error
-from passes.insert_skeletons import insert_skeletons, skeleton_key
+from swpfx.passes.insert_skeletons import insert_skeletons, skeleton_key
 from swpfx.tracing import trace
 
 TOLERANCE = 1e-5

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import fx, nn
 
-from passes.graph_utils import PassError
-from passes.lower_stripe_convs import (
+from swpfx.passes.graph_utils import PassError
+from swpfx.passes.lower_stripe_convs import (
     FORMS,
     ConvGeometry,
     box_groups,

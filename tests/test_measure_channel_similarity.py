@@ -11,7 +11,7 @@ import torchvision
 from torch import nn
 
 from helpers import randomize_batchnorm_
-from passes.measure_channel_similarity import (
+from swpfx.passes.measure_channel_similarity import (
     ChannelCorrelationSum,
     feature_map_node,
     measure_channel_similarity,
@@ -104,7 +104,7 @@ def test_correlation_sum_averages_over_images_not_batches():
 
 
 def test_correlation_sum_chunks_large_maps(monkeypatch):
-    import passes.measure_channel_similarity as mcs
+    import swpfx.passes.measure_channel_similarity as mcs
 
     x = torch.randn(5, 3, 4, 4, generator=torch.Generator().manual_seed(4))
     monkeypatch.setattr(mcs, "CHUNK_ELEMENTS", 48)  # one image per chunk
@@ -185,7 +185,7 @@ def test_memory_does_not_grow_with_batches():
             released.append(weakref.ref(x))
             yield x
 
-    import passes.measure_channel_similarity as mcs
+    import swpfx.passes.measure_channel_similarity as mcs
 
     sizes = {}
     for n in (2, 20):

@@ -8,9 +8,9 @@ import torchvision
 from torch import nn
 
 from helpers import randomize_batchnorm_, relative_error
-from passes.analyze_channels import analyze_channels
-from passes.graph_utils import PassError
-from passes.remove_channels import plan_removal, remove_channels
+from swpfx.passes.analyze_channels import analyze_channels
+from swpfx.passes.graph_utils import PassError
+from swpfx.passes.remove_channels import plan_removal, remove_channels
 from swpfx.tracing import trace
 
 
