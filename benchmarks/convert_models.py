@@ -9,6 +9,10 @@ and FLOPs before/after, and the time of prepare and convert.
     .venv/bin/python benchmarks/convert_models.py                  # all 80, lowering=never
     .venv/bin/python benchmarks/convert_models.py --lowering always resnet18 mobilenet_v2
     .venv/bin/python benchmarks/convert_models.py --timing resnet50 regnet_y_128gf   # prepare+convert time at 224²
+    .venv/bin/python benchmarks/convert_models.py --grouped --resolutions 77,96   # ResNeXt/RegNet, also at 77², 96²
+
+``--resolutions`` runs each converted model at those input sizes too (it was
+converted at the size in the table) and reports the worst error over all sizes.
 """
 
 from __future__ import annotations
@@ -51,7 +55,16 @@ def masked_output(prepared, x):
         return ref(x)
 
 
-def check(name: str, lowering: str, channel_multiple: int) -> dict:
+GROUPED_FAMILIES = ("resnext", "regnet")  # the models with grouped (non-depthwise) convs
+
+
+def grouped_share(model: torch.nn.Module) -> tuple[int, int]:
+    """(output channels of grouped non-depthwise convs, of all convs)."""
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    return sum(m.out_channels for m in convs if 1 < m.groups < m.in_channels), sum(m.out_channels for m in convs)
+
+
+def check(name: str, lowering: str, channel_multiple: int, resolutions: tuple[int, ...] = ()) -> dict:
     model = build(name)
     size = max(SMALLEST_INPUT[name], MIN_TEST_SIZE)
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
@@ -64,11 +77,16 @@ def check(name: str, lowering: str, channel_multiple: int) -> dict:
     t3 = time.perf_counter()
     with torch.no_grad():
         err = relative_error(deployed(x), masked_output(prepared, x))
+        for r in resolutions:
+            xr = torch.randn(1, 3, r, r, generator=torch.Generator().manual_seed(r))
+            err = max(err, relative_error(deployed(xr), masked_output(prepared, xr)))
+    grouped_before, grouped_after = grouped_share(model)[0], grouped_share(deployed)[0]
     dense, pruned = swpfx.cost(model, (x,)), swpfx.cost(deployed, (x,))
     deployed.graph.lint()
     return {"model": name, "size": size, "err": err, "params": (dense.params, pruned.params),
             "flops": (dense.flops, pruned.flops), "prepare_s": t1 - t0, "convert_s": t3 - t2,
-            "removed": sum(deployed.meta["swpfx"]["removed_filters"].values())}
+            "removed": sum(deployed.meta["swpfx"]["removed_filters"].values()),
+            "grouped": (grouped_before, grouped_after)}
 
 
 def timing(name: str, repeats: int) -> tuple[float, float]:
@@ -97,30 +115,39 @@ def main() -> int:
     parser.add_argument("--timing", action="store_true", help="time prepare and convert at 224x224 instead")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--channel-multiple", type=int, default=1, help="passed to swpfx.convert (default 1: remove every dead filter that can go)")
+    parser.add_argument("--grouped", action="store_true", help="only the models with grouped convs (ResNeXt, RegNet)")
+    parser.add_argument("--resolutions", default="", help="comma-separated extra input sizes to check each converted model at")
     args = parser.parse_args()
     torch.set_num_threads(2)
     names = args.models or torchvision.models.list_models(module=torchvision.models)
+    if args.grouped:
+        names = [n for n in names if n.startswith(GROUPED_FAMILIES)]
+    resolutions = tuple(int(r) for r in args.resolutions.split(",") if r)
     if args.timing:
         print("| model | prepare (s) | convert (s) | total (s) |\n|---|---|---|---|")
         for name in names:
             p, c = timing(name, args.repeats)
             print(f"| {name} | {p:.2f} | {c:.2f} | {p + c:.2f} |", flush=True)
         return 0
-    print(f"lowering={args.lowering}, threshold={THRESHOLD}, channel_multiple={args.channel_multiple}, random mask protocol\n")
-    print("| model | input | rel. error | params dense → pruned | FLOPs dense → pruned | filters removed | prepare (s) | convert (s) |")
-    print("|---|---|---|---|---|---|---|---|")
+    extra = f", errors also at {', '.join(f'{r}²' for r in resolutions)}" if resolutions else ""
+    print(f"lowering={args.lowering}, threshold={THRESHOLD}, channel_multiple={args.channel_multiple}, random mask protocol{extra}\n")
+    print("| model | input | rel. error | params dense → pruned | FLOPs dense → pruned | filters removed "
+          "| grouped-conv channels kept | prepare (s) | convert (s) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     failures = 0
     for name in names:
         try:
-            r = check(name, args.lowering, args.channel_multiple)
+            r = check(name, args.lowering, args.channel_multiple, resolutions)
         except Exception as exc:  # report and go on: this is a survey
             failures += 1
-            print(f"| {name} | | FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:120]} | | | | | |", flush=True)
+            print(f"| {name} | | FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:120]} | | | | | | |", flush=True)
             continue
         ok = "" if r["err"] <= 1e-4 else " **> 1e-4**"
+        g0, g1 = r["grouped"]
+        kept = f"{g1}/{g0} ({100 * (1 - g1 / g0):.1f} % removed)" if g0 else "–"
         failures += bool(ok)
         print(f"| {name} | {r['size']}² | {r['err']:.1e}{ok} | {r['params'][0] / 1e6:.2f}M → {r['params'][1] / 1e6:.2f}M "
-              f"| {r['flops'][0] / 1e9:.3f}G → {r['flops'][1] / 1e9:.3f}G | {r['removed']} | {r['prepare_s']:.2f} | {r['convert_s']:.2f} |",
+              f"| {r['flops'][0] / 1e9:.3f}G → {r['flops'][1] / 1e9:.3f}G | {r['removed']} | {kept} | {r['prepare_s']:.2f} | {r['convert_s']:.2f} |",
               flush=True)
         gc.collect()
     print(f"\n{len(names) - failures}/{len(names)} models exact (≤ 1e-4)")

@@ -10,7 +10,6 @@ Runtime (CPU, 2 intra-op threads), interleaved A/B, medians.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 import warnings
@@ -21,6 +20,7 @@ import torchvision
 from torch import nn
 
 from swpfx.export import export_onnx, ort_session, relative_error, run_onnx
+from swpfx.timing import time_sessions
 
 
 class SameDilated(nn.Module):
@@ -40,16 +40,6 @@ def legacy_export(model: nn.Module, x: torch.Tensor, path: Path) -> None:
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (x,), path, dynamo=False, input_names=["x"], output_names=["y"],
                           dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
-
-
-def time_session(session, x, reps: int) -> list[float]:
-    feed = {session.get_inputs()[0].name: x.numpy()}
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - t)
-    return times
 
 
 def main() -> None:
@@ -85,16 +75,13 @@ def main() -> None:
                 leg_err = relative_error(run_onnx(leg_sess, (x,))[0], expected)
             except Exception as exc:  # ORT rejects the legacy file
                 leg_sess, leg_err = None, f"fails in ORT: {str(exc).split(':')[-1].strip()[:70]}"
-            dyn_t, leg_t = [], []
-            for _ in range(args.reps // 5):  # interleave blocks of 5 runs
-                dyn_t += time_session(dyn_sess, x, 5)
-                if leg_sess is not None:
-                    leg_t += time_session(leg_sess, x, 5)
-            dyn_ms = 1e3 * statistics.median(dyn_t)
-            leg_ms = 1e3 * statistics.median(leg_t) if leg_t else float("nan")
+            sessions = {"dynamo": dyn_sess, **({"legacy": leg_sess} if leg_sess is not None else {})}
+            t = time_sessions(sessions, x, rounds=args.reps)
+            dyn_ms = 1e3 * t["dynamo"]
+            leg_ms = 1e3 * t["legacy"] if "legacy" in t else float("nan")
             rows.append((name, dyn_time, leg_time, dyn_ms, leg_ms, dyn_err, leg_err))
     print(f"## ONNX exporters (torch {torch.__version__}, input 1×3×{args.size}², ORT CPU 2 threads, "
-          f"median of {args.reps // 5 * 5} runs, interleaved)\n")
+          f"median of {args.reps} runs, interleaved)\n")
     print("| model | export s (dynamo) | export s (legacy) | ORT ms (dynamo) | ORT ms (legacy) | rel. error dynamo | legacy |")
     print("|---|---|---|---|---|---|---|")
     for name, dt, lt, dm, lm, de, le in rows:

@@ -22,9 +22,10 @@ import torchvision
 
 import swpfx
 from swpfx.convert import convert
-from swpfx.export import export_onnx
-from swpfx.runtime_model import onnx_bytes, ort_session, time_interleaved
+from swpfx.export import export_onnx, ort_session
+from swpfx.runtime_model import onnx_bytes
 from swpfx.synthetic import synthetic_skeletons_
+from swpfx.timing import time_sessions
 
 THRESHOLD = 0.05
 
@@ -171,7 +172,7 @@ def per_layer(model_name: str, protocol: str, rounds: int) -> None:
         original.eval()
         xs = {"dense": torch.randn(shapes[name]), "swpfx": torch.randn(in_shape)}
         sessions = {k: ort_session(onnx_bytes(m, xs[k])) for k, m in (("dense", original), ("swpfx", layer))}
-        t = time_interleaved(sessions, xs, rounds=rounds)
+        t = time_sessions(sessions, xs, rounds=rounds, blocks=3)
         totals[0] += t["dense"]
         totals[1] += t["swpfx"]
         print(f"| {name} | {t['dense'] * 1e3:.3f} | {t['swpfx'] * 1e3:.3f} | {'/'.join(sorted(forms))} | "
@@ -205,7 +206,7 @@ def main(argv=None) -> None:
                 for batch in args.batch:
                     x = torch.randn(batch, 3, 224, 224)
                     sessions, info, _ = sessions_for(model_name, protocol, x, Path(tmp), not args.no_peer)
-                    t = time_interleaved(sessions, x, rounds=args.rounds)
+                    t = time_sessions(sessions, x, rounds=args.rounds, blocks=3)
                     ms = {k: v * 1e3 for k, v in t.items()}
                     su = {k: t["dense"] / v for k, v in t.items()}
                     peer = f"{ms['torch-pruning']:.2f}" if "torch-pruning" in ms else "–"

@@ -16,9 +16,11 @@ import argparse
 
 import torch
 
-from swpfx.passes.lower_stripe_convs import ConvGeometry, supported_forms
+from swpfx.export import ort_session
+from swpfx.passes.stripe_geometry import ConvGeometry, supported_forms
 from swpfx.masks import random_stripe_mask, structured_stripe_mask
-from swpfx.runtime_model import lowered_copy, onnx_bytes, ort_session, stripe_conv_module, time_interleaved
+from swpfx.runtime_model import lowered_copy, onnx_bytes, stripe_conv_module
+from swpfx.timing import time_sessions
 
 # (name, in_channels, out_channels, kernel, stride, padding, input size)
 RESNET18_CONVS = [
@@ -58,7 +60,7 @@ def measure_layer(c_in, mask, k, stride, padding, hw, rounds, seed=0):
         err = float((out - reference).abs().max() / reference.abs().max())
         assert err < 1e-4, f"{name}: ORT output differs from torch (rel {err:.2e})"
         sessions[name] = s
-    return time_interleaved(sessions, x, rounds=rounds)
+    return time_sessions(sessions, x, rounds=rounds, blocks=3)
 
 
 def main(argv=None) -> None:

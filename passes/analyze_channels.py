@@ -8,12 +8,18 @@ offsets them, a depthwise conv ties input c to outputs c·m … c·m+m-1. Elemen
 joined this way form a *channel class*: one channel that must be kept or removed
 everywhere at once. A class also records
 
-- its producers: ``(conv node, output channel)`` pairs (a conv with groups=1 or
-  depthwise starts new channels; each one can be removed);
-- whether something opaque feeds it (model inputs, Linear outputs, grouped convs,
+- its producers: ``(conv node, output channel)`` pairs (every conv starts new
+  channels, except that a depthwise conv's are tied to its input's; each one can
+  be removed);
+- whether something opaque feeds it (model inputs, Linear outputs, constant maps,
   ops this analysis does not understand): such a class can never be removed;
 - whether it is pinned: it reaches the graph output or an op that mixes or
   reorders channels (split, chunk, view, channel shuffle, LayerNorm ...).
+
+A grouped (non-depthwise) conv does not tie its input and output channels
+together, but it needs the same number of channels in every group: its input
+and output channels are recorded in ``grouped`` so that ``remove_channels`` can
+plan equal counts per group (or whole groups).
 
 This is an analysis only; ``remove_channels`` does the surgery.
 """
@@ -58,6 +64,8 @@ BINARY_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, 
 BINARY_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"}
 REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
 CONCAT_FUNCTIONS = {torch.cat, torch.concat}
+# Read only the shape of their input (e.g. the ones map of a removed channel's constant).
+SHAPE_ONLY_FUNCTIONS = {torch.ones_like, torch.zeros_like, torch.empty_like, torch.full_like}
 FLATTEN_FUNCTIONS = {torch.flatten}
 
 try:  # torchvision's StochasticDepth is an fx.wrap'ped function; identity at inference
@@ -114,6 +122,15 @@ class NodeChannels:
 
 
 @dataclass
+class GroupedConv:
+    """A grouped (non-depthwise) conv: ``groups`` equal groups over its input and output channels."""
+
+    groups: int
+    inputs: NodeChannels
+    outputs: NodeChannels
+
+
+@dataclass
 class ChannelAnalysis:
     """Result of :func:`analyze_channels`."""
 
@@ -124,6 +141,7 @@ class ChannelAnalysis:
     opaque: np.ndarray  # per element: fed by something unremovable
     pinned: np.ndarray  # per element: must not be removed
     reasons: dict[int, str] = field(default_factory=dict)  # class -> why pinned/opaque (first seen)
+    grouped: dict[fx.Node, GroupedConv] = field(default_factory=dict)
 
     def classes_of(self, node: fx.Node) -> np.ndarray:
         info = self.channels[node]
@@ -147,9 +165,21 @@ class ChannelAnalysis:
                 out[cls].append((node, c))
         return dict(out)
 
+    @cached_property
+    def group_constrained_classes(self) -> set[int]:
+        """Classes that a grouped conv reads or writes: removable only in equal counts per group."""
+        out: set[int] = set()
+        for g in self.grouped.values():
+            for info in (g.inputs, g.outputs):
+                out.update(self.class_of[info.first : info.first + info.width].tolist())
+        return out
+
     def independent_convs(self) -> list[str]:
-        """Conv nodes each of whose output channels is its own removable class."""
-        blocked = self.blocked_classes()
+        """Conv nodes each of whose output channels is its own freely removable class.
+
+        Channels a grouped conv reads or writes are not free (equal counts per group).
+        """
+        blocked = self.blocked_classes() | self.group_constrained_classes
         by_class = self.producer_elements_by_class()
         names = []
         for node in self.producers:
@@ -161,8 +191,8 @@ class ChannelAnalysis:
         return names
 
     def coupled_groups(self) -> list[list[str]]:
-        """Groups (≥ 2) of conv nodes whose output channels share removable classes."""
-        blocked = self.blocked_classes()
+        """Groups (≥ 2) of conv nodes whose output channels share freely removable classes."""
+        blocked = self.blocked_classes() | self.group_constrained_classes
         uf, index = _UnionFind(), {}
         for node in self.producers:
             index[node] = uf.add(1)
@@ -192,6 +222,7 @@ class _Builder:
         self.producers: dict[fx.Node, NodeChannels] = {}
         self.opaque_elements: list[tuple[range, str]] = []
         self.pinned_elements: list[tuple[range, str]] = []
+        self.grouped: dict[fx.Node, GroupedConv] = {}
         self.module_calls = defaultdict(int)
         for node in gm.graph.nodes:
             if node.op == "call_module":
@@ -236,6 +267,9 @@ class _Builder:
         if node.op in ("placeholder", "get_attr"):
             self.opaque(node, "a model input or attribute")
             return
+        if self.is_shape_only(node):
+            self.opaque(node, "a constant map (only its input's shape is read)")
+            return
         if len(shape) < 2:
             self.pin_inputs(node, "an op producing a tensor without a channel dimension")
             return
@@ -277,6 +311,14 @@ class _Builder:
             return True
         return node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node) \
             and _Builder.is_shape_query(node.args[0])
+
+    @staticmethod
+    def is_shape_only(node: fx.Node) -> bool:
+        """``torch.ones_like(x)``, and a ``x[...]`` slice read only by such ops: its values never matter."""
+        if node.op == "call_function" and node.target in SHAPE_ONLY_FUNCTIONS:
+            return True
+        return (node.op == "call_function" and node.target is operator.getitem and bool(node.users)
+                and all(u.op == "call_function" and u.target in SHAPE_ONLY_FUNCTIONS for u in node.users))
 
     def is_channelwise(self, node: fx.Node, module) -> bool:
         if module is not None:
@@ -392,9 +434,10 @@ class _Builder:
             for c, e in enumerate(self.channels[src].elements()):
                 for j in range(mult):
                     self.uf.union(e, out.first + c * mult + j)
-        else:
-            self.pin_inputs(node, "a grouped (non-depthwise) conv")
-            self.opaque(node, "a grouped (non-depthwise) conv")
+        else:  # grouped: outputs are new channels; equal counts per group are planned by remove_channels
+            out = self.new(node, out_ch)
+            self.producers[node] = out
+            self.grouped[node] = GroupedConv(conv.groups, self.channels[src], out)
 
     def linear(self, node: fx.Node) -> None:
         src = node.args[0] if node.args else None
@@ -417,7 +460,7 @@ class _Builder:
                 flags[idx] = True
                 for cls in set(class_of[idx].tolist()):
                     reasons.setdefault(cls, reason)
-        return ChannelAnalysis(self.gm, self.channels, class_of, self.producers, opaque, pinned, reasons)
+        return ChannelAnalysis(self.gm, self.channels, class_of, self.producers, opaque, pinned, reasons, self.grouped)
 
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:

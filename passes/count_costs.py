@@ -36,6 +36,19 @@ Conventions:
   under FlopCounterMode, so conv/matmul work inside them is still counted; they
   get no ``other_flops``, default memory traffic (read the inputs, write the
   output), and are listed in ``CountCostsResult.unknown``.
+
+Executed vs effective MACs:
+
+* ``macs``/``flops`` are *executed*: what the graph runs, zeroed stripes of a
+  dense conv and the helper convs of a lowered one included.
+* ``effective_macs``/``effective_flops`` count only kept stripes of kept filters
+  over kept channels (the SWP paper's count). A conv whose node carries a stripe
+  mask (``node.meta["swpfx"]["mask"]``, set by ``fold_skeletons``) costs
+  ``out_pixels × in_channels/groups × kept stripes``; a lowered conv (its nodes
+  tagged ``role="lowered_conv"`` with ``kept_stripes``) costs the same for the
+  masked conv it replaced, on the row of its first conv and 0 on its helper
+  ops; the conv ``remove_channels`` adds for removed channels' constants costs 0.
+  Every other node has effective == executed, so the two agree on dense models.
 """
 
 from __future__ import annotations
@@ -72,6 +85,8 @@ class NodeCost:
     dtype: str | None
     macs: int = 0
     flops: int = 0
+    effective_macs: int = 0  # kept stripes only (see the module docstring); == macs off stripe-pruned convs
+    effective_flops: int = 0
     other_flops: int = 0
     params: int = 0
     param_bytes: int = 0
@@ -333,6 +348,81 @@ register(torch.index_select, torch.gather, torch.take, torch.take_along_dim, "in
          "take", "take_along_dim")(lambda call: OpCount(0, 0, "memory", "gather"))
 
 
+# ---------------------------------------------------------------- effective MACs (kept stripes only)
+
+LOWERED_ROLE = "lowered_conv"  # lower_stripe_convs' tag on every node of a lowered conv
+# remove_channels' conv of a removed channel's constant over a map of ones: not kept channels, so 0
+ZERO_EFFECTIVE_ROLES = ("dead_channel_conv",)
+
+
+def stripe_macs(out_pixels: int, in_per_group: int, kept_stripes: int) -> int:
+    """MACs of a stripe-pruned conv: each kept stripe (a 1×1 filter over C/groups channels) at every output pixel.
+
+    ``out_pixels`` is N·Ho·Wo (per filter), ``kept_stripes`` is summed over all filters.
+
+    >>> stripe_macs(out_pixels=2 * 8 * 8, in_per_group=16, kept_stripes=40)
+    81920
+    """
+    return out_pixels * in_per_group * kept_stripes
+
+
+def lowered_instance(node: fx.Node) -> str | None:
+    """The name of the conv node a lowered node replaced; None for nodes that are not part of a lowering.
+
+    lower_stripe_convs names each node of a lowered conv ``f"{conv node}_{part}"`` and
+    records ``part`` in its meta, so two lowerings of one shared module stay apart.
+    """
+    meta = node.meta.get("swpfx")
+    if not isinstance(meta, dict) or meta.get("role") != LOWERED_ROLE:
+        return None
+    part = meta.get("part", "")
+    if part and node.name.endswith("_" + part):
+        return node.name[: -len(part) - 1]
+    return meta.get("conv", node.name)  # renamed by FX on a name clash: fall back to the conv's name
+
+
+def masked_conv_macs(call: OpCall, executed: int) -> int:
+    """Effective MACs of a conv node carrying a stripe mask (O, *kernel); ``executed`` for any other node."""
+    if call.node.meta.get("swpfx", {}).get("role") in ZERO_EFFECTIVE_ROLES:
+        return 0
+    mask = call.node.meta.get("swpfx", {}).get("mask")
+    weight = getattr(call.module, "weight", None)
+    if not (isinstance(call.module, CONV_MODULES) and isinstance(mask, torch.Tensor)
+            and tuple(mask.shape) == (weight.shape[0], *weight.shape[2:])):
+        return executed
+    return stripe_macs(call.out.numel() // weight.shape[0], weight.shape[1], int(mask.sum()))
+
+
+def lowered_conv_macs(gm: fx.GraphModule, nodes: list[fx.Node], rows: dict[fx.Node, NodeCost]) -> tuple[fx.Node, int] | None:
+    """(node to hold it, effective MACs) of one lowered conv, given its nodes in graph order.
+
+    Every form (boxes, onehot, shift) starts with a conv over the original input,
+    whose ``weight.shape[1]`` is the original in_channels/groups, and ends with the
+    (N, O, Ho, Wo) output of the conv it replaced.
+    """
+    convs = [n for n in nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), CONV_MODULES)]
+    last = [n for n in nodes if n.op != "get_attr"][-1]  # buffers (gather indices) are not the output
+    out_shape, kept = rows[last].shape, last.meta["swpfx"].get("kept_stripes")
+    if not convs or kept is None or not isinstance(out_shape, tuple) or len(out_shape) < 3:
+        return None
+    in_per_group = gm.get_submodule(convs[0].target).weight.shape[1]
+    return convs[0], stripe_macs(math.prod(out_shape) // out_shape[1], in_per_group, int(kept))
+
+
+def assign_lowered_macs(gm: fx.GraphModule, rows: dict[fx.Node, NodeCost]) -> None:
+    """Give every lowered conv the effective MACs of the masked conv it replaced, once, on its first conv."""
+    instances: dict[str, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        key = lowered_instance(node)
+        if key is not None and node in rows:
+            instances.setdefault(key, []).append(node)
+    for nodes in instances.values():
+        found = lowered_conv_macs(gm, nodes, rows)
+        if found is not None:
+            node, macs = found
+            rows[node].effective_macs, rows[node].effective_flops = macs, 2 * macs
+
+
 # ---------------------------------------------------------------- tensors and memory
 
 
@@ -519,6 +609,7 @@ class CostInterpreter(fx.Interpreter):
             if n.op == "get_attr":
                 self.owned_attrs.setdefault(state_consumer(n, self.weight_side, self.order), []).append(n)
         self.rows: list[NodeCost] = []
+        self.row_of: dict[fx.Node, NodeCost] = {}
         self.unknown: list[str] = []
 
     def state_tensors(self, node: fx.Node, module: nn.Module | None) -> list[tuple[torch.Tensor, bool]]:
@@ -548,6 +639,7 @@ class CostInterpreter(fx.Interpreter):
         row = self.count(call, formula)
         swpfx_meta(n)["cost"] = row
         self.rows.append(row)
+        self.row_of[n] = row
         self.liveness.finish_step(self.order[n])
         return out
 
@@ -591,6 +683,9 @@ class CostInterpreter(fx.Interpreter):
                 row.known = False
                 self.unknown.append(f"{row.name} ({row.op}{problem})")
         row.macs, row.flops, row.other_flops = count.macs, 2 * count.macs, count.other_flops
+        # a lowered conv's parts get 0 here; assign_lowered_macs gives its first conv the whole count
+        row.effective_macs = 0 if lowered_instance(call.node) else masked_conv_macs(call, count.macs)
+        row.effective_flops = 2 * row.effective_macs
         row.category = count.category
         row.bytes_read, row.bytes_written = memory_traffic(call, count, state)
 
@@ -612,6 +707,7 @@ def count_costs(gm: fx.GraphModule, example_inputs: tuple) -> CountCostsResult:
     interpreter = CostInterpreter(gm)
     with torch.no_grad():
         interpreter.run(*example_inputs)
+    assign_lowered_macs(gm, interpreter.row_of)
     peak_node = interpreter.liveness.peak_node
     return CountCostsResult(
         rows=interpreter.rows,

@@ -31,9 +31,11 @@ into each part's conv), and when only plain ``groups=1`` convs consume the
 result, their weights take the channel permutation instead of a gather.
 
 ``lowering="never"`` leaves the dense conv (with zeroed stripes), ``"always"``
-lowers every conv with a partially pruned filter using the form the runtime
-model predicts fastest, ``"auto"`` lowers only where the runtime model predicts
-the lowered form to be faster than the dense conv (see ``swpfx.runtime_model``).
+lowers every conv with a partially pruned filter using the form ``choose_form``
+picks, ``"auto"`` lowers only where ``choose_form`` finds a gain. The pass's
+default chooser (:func:`choose_by_macs`) counts MACs; ``swpfx.convert`` passes the
+runtime model's (predicted ONNX Runtime latency, see ``swpfx.runtime_model``).
+Geometry (boxes, buckets, ``ConvGeometry``) lives in ``stripe_geometry``.
 
 Example:
     >>> import torch
@@ -52,7 +54,7 @@ Example:
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -60,150 +62,12 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .graph_utils import batchnorm_channels, pass_error, split_path, swpfx_meta, unique_attr_name
+from .stripe_geometry import FORMS  # noqa: F401  (re-exported)
+from .stripe_geometry import (DEFAULT_MIN_GROUP, ConvGeometry, box_groups, group_units, inverse_order,
+                              stripe_count_buckets, supported_forms)
 
 PASS = "lower_stripe_convs"
 LOWERINGS = ("never", "always", "auto")
-FORMS = ("boxes", "onehot", "shift")
-DEFAULT_MIN_GROUP = 8
-
-
-# ---------------------------------------------------------------- geometry (pure)
-
-
-@dataclass(frozen=True)
-class ConvGeometry:
-    """Everything about a conv that decides its lowering, with explicit per-side pads.
-
-    pads = (top, bottom, left, right), as the conv pads its input with zeros.
-    """
-
-    in_channels: int
-    out_channels: int
-    kernel: tuple[int, int]
-    stride: tuple[int, int]
-    dilation: tuple[int, int]
-    pads: tuple[int, int, int, int]
-    groups: int
-    input_hw: tuple[int, int] | None = None
-
-    @classmethod
-    def of(cls, conv: nn.Conv2d, input_shape=None) -> ConvGeometry:
-        kh, kw = conv.kernel_size
-        dh, dw = conv.dilation
-        if conv.padding == "valid":
-            pads = (0, 0, 0, 0)
-        elif conv.padding == "same":
-            th, tw = dh * (kh - 1), dw * (kw - 1)
-            pads = (th // 2, th - th // 2, tw // 2, tw - tw // 2)
-        else:
-            ph, pw = conv.padding
-            pads = (ph, ph, pw, pw)
-        hw = tuple(input_shape[-2:]) if input_shape is not None else None
-        return cls(conv.in_channels, conv.out_channels, (kh, kw), tuple(conv.stride), (dh, dw), pads,
-                   conv.groups, hw)
-
-    @property
-    def output_hw(self) -> tuple[int, int] | None:
-        if self.input_hw is None:
-            return None
-        (h, w), (kh, kw), (sh, sw), (dh, dw) = self.input_hw, self.kernel, self.stride, self.dilation
-        pt, pb, pl, pr = self.pads
-        return ((h + pt + pb - dh * (kh - 1) - 1) // sh + 1, (w + pl + pr - dw * (kw - 1) - 1) // sw + 1)
-
-    def box_pads(self, box: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
-        """Input pads (negative = crop) for a conv whose kernel is ``box`` = (r0, r1, c0, c1) of ours.
-
-        Cropping the taps before r0 and after r1 shifts the first/last used input
-        row by multiples of the dilation; the output grid stays identical for any
-        input size.
-        """
-        r0, r1, c0, c1 = box
-        (kh, kw), (dh, dw) = self.kernel, self.dilation
-        pt, pb, pl, pr = self.pads
-        return (pt - r0 * dh, pb - (kh - 1 - r1) * dh, pl - c0 * dw, pr - (kw - 1 - c1) * dw)
-
-
-def stripe_box(mask_o: torch.Tensor) -> tuple[int, int, int, int]:
-    """Bounding box (r0, r1, c0, c1), inclusive, of the kept stripes of one filter's mask (kh, kw)."""
-    rows = mask_o.any(dim=1).nonzero().flatten()
-    cols = mask_o.any(dim=0).nonzero().flatten()
-    return (int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1]))
-
-
-def stripe_boxes(mask: torch.Tensor) -> torch.Tensor:
-    """Bounding boxes (O, 4) = (r0, r1, c0, c1), inclusive, of every filter's kept stripes (vectorised)."""
-    rows, cols = mask.any(dim=2).to(torch.uint8), mask.any(dim=1).to(torch.uint8)
-    kh, kw = rows.shape[1], cols.shape[1]
-    return torch.stack([rows.argmax(1), kh - 1 - rows.flip(1).argmax(1),
-                        cols.argmax(1), kw - 1 - cols.flip(1).argmax(1)], dim=1)
-
-
-def box_area(box: tuple[int, int, int, int]) -> int:
-    return (box[1] - box[0] + 1) * (box[3] - box[2] + 1)
-
-
-def box_covers(outer, inner) -> bool:
-    return outer[0] <= inner[0] and inner[1] <= outer[1] and outer[2] <= inner[2] and inner[3] <= outer[3]
-
-
-def box_groups(mask: torch.Tensor, min_group: int = DEFAULT_MIN_GROUP) -> list[tuple[tuple[int, int, int, int], list[int]]]:
-    """Partition filters by the bounding box of their kept stripes.
-
-    Groups with fewer than ``min_group`` filters are merged (smallest first) into
-    the group of smallest area whose box covers theirs; the full kernel box
-    covers everything. Returns [(box, sorted filter indices)], largest box last.
-
-    >>> m = torch.zeros(4, 3, 3, dtype=torch.bool); m[:, 1, 1] = True; m[3] = True
-    >>> box_groups(m, min_group=1)
-    [((1, 1, 1, 1), [0, 1, 2]), ((0, 2, 0, 2), [3])]
-    """
-    kh, kw = mask.shape[1:]
-    groups: dict[tuple, list[int]] = {}
-    for o, box in enumerate(stripe_boxes(mask).tolist()):
-        groups.setdefault(tuple(box), []).append(o)
-    full = (0, kh - 1, 0, kw - 1)
-    while True:
-        small = [b for b, fs in groups.items() if len(fs) < min_group and b != full]
-        if not small:
-            break
-        box = min(small, key=lambda b: (len(groups[b]), box_area(b)))
-        targets = [b for b in groups if b != box and box_covers(b, box)]
-        target = min(targets, key=box_area) if targets else full
-        groups.setdefault(target, []).extend(groups.pop(box))
-    return sorted(((b, sorted(fs)) for b, fs in groups.items()), key=lambda item: (box_area(item[0]), item[0]))
-
-
-def stripe_count_buckets(mask: torch.Tensor) -> list[tuple[int, list[int]]]:
-    """Filters bucketed by their number of kept stripes: [(k, filter indices)], k ascending."""
-    counts = mask.flatten(1).sum(1).tolist()
-    buckets: dict[int, list[int]] = {}
-    for o, k in enumerate(counts):
-        buckets.setdefault(int(k), []).append(o)
-    return sorted(buckets.items())
-
-
-def inverse_order(order: list[int]) -> list[int]:
-    inv = [0] * len(order)
-    for position, o in enumerate(order):
-        inv[o] = position
-    return inv
-
-
-def group_units(filters: list[int], out_per_group: int) -> tuple[list[int], int]:
-    """How a subset of a grouped conv's filters becomes one grouped conv.
-
-    Returns (the original group feeding each new group, filters per new group).
-    If every original group present contributes the same number m of filters, the
-    new conv has one group per present group with m filters each; otherwise
-    every filter becomes its own group (its input channels are duplicated).
-    """
-    per_group: dict[int, int] = {}
-    for o in filters:
-        per_group[o // out_per_group] = per_group.get(o // out_per_group, 0) + 1
-    sizes = set(per_group.values())
-    if len(sizes) == 1:
-        return sorted(per_group), sizes.pop()
-    return [o // out_per_group for o in filters], 1
 
 
 # ---------------------------------------------------------------- graph building
@@ -399,10 +263,6 @@ def is_lowerable(conv: nn.Conv2d, mask: torch.Tensor) -> bool:
     return conv.kernel_size != (1, 1) and not bool(mask.all())
 
 
-def supported_forms(geometry: ConvGeometry) -> tuple[str, ...]:
-    return FORMS if geometry.groups == 1 else ("boxes",)
-
-
 def check_stripe_conv(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Conv2d, torch.Tensor]:
     conv = gm.get_submodule(node.target)
     mask = node.meta["swpfx"]["mask"].to(torch.bool).cpu()
@@ -526,17 +386,48 @@ def lower_conv(gm: fx.GraphModule, node: fx.Node, form: str, min_group: int = DE
     return out
 
 
-def lower_stripe_convs(gm: fx.GraphModule, lowering: str = "auto", runtime_model=None) -> fx.GraphModule:
+# (geometry, mask, supported forms, batch, require_gain) -> (form or "dense", lower_conv options)
+FormChooser = Callable[[ConvGeometry, torch.Tensor, tuple, int, bool], tuple]
+DEFAULT_GAIN = 0.85  # choose_by_macs lowers under "auto" only below this fraction of the dense conv's MACs
+
+
+def choose_by_macs(geometry: ConvGeometry, mask: torch.Tensor, forms: tuple, batch: int = 1,
+                   require_gain: bool = True) -> tuple[str, dict]:
+    """The pass's default form chooser: ``boxes`` when it does fewer conv MACs, no latency model.
+
+    Under ``require_gain`` (``lowering="auto"``) the boxes form must do at most
+    ``DEFAULT_GAIN`` × the dense conv's MACs (its pads, concat and gather are
+    ignored); otherwise (``"always"``) it is always chosen. ``swpfx.convert``
+    passes the runtime model's chooser instead (``swpfx.runtime_model``).
+
+    >>> from torch import nn
+    >>> g = ConvGeometry.of(nn.Conv2d(8, 16, 3, padding=1), (1, 8, 10, 10))
+    >>> centre = torch.zeros(16, 3, 3, dtype=torch.bool); centre[:, 1, 1] = True
+    >>> choose_by_macs(g, centre, FORMS), choose_by_macs(g, torch.ones(16, 3, 3, dtype=torch.bool), FORMS)
+    (('boxes', {'min_group': 8}), ('dense', {}))
+    """
+    kh, kw = geometry.kernel
+    boxes = sum(len(filters) * (box[1] - box[0] + 1) * (box[3] - box[2] + 1)
+                for box, filters in box_groups(mask, DEFAULT_MIN_GROUP))
+    if "boxes" in forms and (not require_gain or boxes <= DEFAULT_GAIN * geometry.out_channels * kh * kw):
+        return "boxes", {"min_group": DEFAULT_MIN_GROUP}
+    return "dense", {}
+
+
+def lower_stripe_convs(gm: fx.GraphModule, lowering: str = "auto",
+                       choose_form: FormChooser = choose_by_macs) -> fx.GraphModule:
     """Lower every stripe-pruned conv of ``gm`` (in place) and return ``gm``.
 
     lowering: ``"never"`` keeps the dense conv with zeroed stripes; ``"always"``
     lowers every conv with a partially pruned filter (never a 1×1 conv or a conv
-    keeping all stripes) with the form ``runtime_model`` predicts fastest;
-    ``"auto"`` lowers only where that form is predicted faster than the dense
-    conv by the model's margin. ``runtime_model`` (a
-    ``swpfx.runtime_model.RuntimeModel``) defaults to the user's calibration
-    cache if present, else the table shipped with swpfx. Every stripe conv's meta
-    gets ``kept_stripes`` and ``lowering`` (``"dense"`` where it stays a conv).
+    keeping all stripes) with the form ``choose_form`` picks; ``"auto"`` lowers
+    only where ``choose_form`` finds a gain (it is called with
+    ``require_gain=True`` and returns ``("dense", {})`` to keep the conv).
+    ``choose_form(geometry, mask, forms, batch, require_gain) -> (form, options)``
+    defaults to :func:`choose_by_macs`; ``swpfx.convert`` passes
+    ``swpfx.runtime_model.default_runtime_model().choose_form`` (predicted ORT
+    latency). Every stripe conv's meta gets ``kept_stripes`` and ``lowering``
+    (``"dense"`` where it stays a conv).
 
     Example: see the module docstring.
     """
@@ -547,9 +438,6 @@ def lower_stripe_convs(gm: fx.GraphModule, lowering: str = "auto", runtime_model
         if lowering != "never" and input_shape(gm, node) is None:
             raise pass_error(PASS, node, "the conv's input shape is missing; run "
                                          "torch.fx.passes.shape_prop.ShapeProp on example inputs first")
-    if runtime_model is None and lowering != "never":
-        from swpfx.runtime_model import default_runtime_model
-        runtime_model = default_runtime_model()
     for node in candidates:
         conv, mask = check_stripe_conv(gm, node)
         meta = swpfx_meta(node)
@@ -559,8 +447,7 @@ def lower_stripe_convs(gm: fx.GraphModule, lowering: str = "auto", runtime_model
             continue
         shape = input_shape(gm, node)
         geometry = ConvGeometry.of(conv, shape)
-        form, options, _ = runtime_model.choose(geometry, mask, supported_forms(geometry), batch=shape[0],
-                                                require_gain=lowering == "auto")
+        form, options = choose_form(geometry, mask, supported_forms(geometry), shape[0], lowering == "auto")
         if form != "dense":
             lower_conv(gm, node, form, **options)
     gm.graph.lint()

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .graph_utils import pass_error, swpfx_meta
+from .modes import eval_mode
 
 PASS = "measure_channel_similarity"
 
@@ -277,18 +278,13 @@ def measure_channel_similarity(
 
     device = next(itertools.chain(gm.parameters(), gm.buffers()), torch.empty(0)).device
     interpreter = MeasureChannelSimilarity(gm, watched)
-    was_training = gm.training
-    gm.eval()
-    try:
-        with torch.no_grad():
-            for i, x in enumerate(calibration_inputs(calibration_batches, example)):
-                try:
-                    interpreter.run(x.to(device))
-                except Exception as exc:
-                    raise pass_error(PASS, None, f"running calibration batch {i} of shape {tuple(x.shape)} failed: "
-                                     f"{type(exc).__name__}: {exc}") from exc
-    finally:
-        gm.train(was_training)
+    with eval_mode(gm), torch.no_grad():
+        for i, x in enumerate(calibration_inputs(calibration_batches, example)):
+            try:
+                interpreter.run(x.to(device))
+            except Exception as exc:
+                raise pass_error(PASS, None, f"running calibration batch {i} of shape {tuple(x.shape)} failed: "
+                                 f"{type(exc).__name__}: {exc}") from exc
 
     result = {}
     for name, s in sums.items():

@@ -5,14 +5,20 @@ Given ``(conv node, output channel)`` pairs to remove, the channel classes of
 every conv that produces it is asked to drop that channel and nothing pins it.
 Removal slices the producing convs, every channel-wise op on the way (BatchNorm,
 PReLU, functional batch_norm) and the input channels of every consumer (convs,
-depthwise convs, a Linear after flatten).
+depthwise and grouped convs, a Linear after flatten). A grouped conv keeps equal
+groups: the same number of input (and of output) channels is removed from every
+group, or a whole group (all its inputs and outputs) goes.
 
 What a removed channel contributed to its consumers is, depending on the caller:
 
-- ``fold_constants=True`` (dead SWP filters): the channel is data-independent, so
-  its contribution is computed once and folded into the consumer's bias, or into
-  a bias map added after the consumer where zero padding makes it depend on the
-  position (fixed to the example input's resolution);
+- ``fold_constants=True`` (dead SWP filters): the channel is a per-channel
+  constant c, so its contribution is folded into the consumer's bias, or, where
+  zero padding makes it depend on the position, computed at run time by a small
+  conv over a ones map shaped like the consumer's input (weights
+  ``Σ_c c·W[:, c]``, the consumer's stride/padding/dilation): exact at every input
+  resolution. A constant that a zero pad or a padded average pool has already
+  made position-dependent is replayed through those (linear) ops on the ones map;
+  a channel whose map cannot be rebuilt that way at any resolution is kept;
 - ``merge_into={conv: {p: c}}`` (Central Filter compensation): each consumer's
   input weights for p are added onto those for c before p is dropped;
 - neither: the contribution is dropped (plain filter pruning).
@@ -20,6 +26,7 @@ What a removed channel contributed to its consumers is, depending on the caller:
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -43,17 +50,19 @@ def plan_removal(
     remove: Mapping[fx.Node, Iterable[int]],
     strict: bool = False,
     channel_multiple: int = 1,
+    keep_classes: Iterable[int] = (),
 ) -> set[int]:
     """The channel classes that can be removed, given the requested producer channels.
 
     A class is removable when all of its producers are requested and nothing
-    opaque or pinned touches it; no node may lose all its channels (the class of
-    its first channel is then kept). With ``strict`` a requested channel that
-    cannot be removed is an error. ``channel_multiple`` keeps enough removable
-    channels that each conv's output count is a multiple of it (or its full width).
+    opaque or pinned touches it (nor ``keep_classes``); no node may lose all its
+    channels (the class of its first channel is then kept); every grouped conv
+    keeps equal groups. With ``strict`` a requested channel that cannot be removed
+    is an error. ``channel_multiple`` keeps enough removable channels that each
+    conv's output count is a multiple of it (or its full width).
     """
     requested: set[tuple[fx.Node, int]] = {(n, int(c)) for n, cs in remove.items() for c in cs}
-    blocked = analysis.blocked_classes()
+    blocked = analysis.blocked_classes() | set(keep_classes)
     candidates: set[int] = set()
     for cls, producers in analysis.producer_elements_by_class().items():
         if cls not in blocked and all(p in requested for p in producers):
@@ -64,20 +73,61 @@ def plan_removal(
             if cls not in candidates:
                 why = analysis.reasons.get(cls, "it is coupled to channels of other convs that are not removed")
                 raise pass_error(PASS, node, f"output channel {c} cannot be removed: {why}")
+    # Each rule only ever keeps (un-removes) classes, so the loop ends; at its fixpoint all hold.
     changed = True
     while changed:
-        changed = False
-        for node, info in analysis.channels.items():
-            classes = analysis.class_of[info.first : info.first + info.width]
-            if info.width and all(int(k) in candidates for k in classes):
-                candidates.discard(int(classes[0]))
-                changed = True
-    if channel_multiple > 1:
-        _round_kept_channels(analysis, candidates, channel_multiple)
+        changed = _keep_one_channel_per_node(analysis, candidates)
+        changed |= _equalize_groups(analysis, candidates)
+        if channel_multiple > 1:
+            changed |= _round_kept_channels(analysis, candidates, channel_multiple)
     return candidates
 
 
-def _round_kept_channels(analysis: ChannelAnalysis, candidates: set[int], multiple: int) -> None:
+def _keep_one_channel_per_node(analysis: ChannelAnalysis, candidates: set[int]) -> bool:
+    changed = False
+    for info in analysis.channels.values():
+        classes = analysis.class_of[info.first : info.first + info.width]
+        if info.width and all(int(k) in candidates for k in classes):
+            candidates.discard(int(classes[0]))
+            changed = True
+    return changed
+
+
+def group_removal_targets(removed_in: np.ndarray, removed_out: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """Equal groups from per-group removal masks (G, Cg) and (G, Og).
+
+    Returns (whole groups, inputs and outputs to remove from each other group).
+    A group goes whole only if all its inputs and outputs are removed; at least
+    one group stays, and every remaining group keeps at least one input and output.
+    """
+    whole = removed_in.all(1) & removed_out.all(1)
+    if whole.all():
+        whole[0] = False
+    rest = ~whole
+    n_in = min(int(removed_in[rest].sum(1).min()), removed_in.shape[1] - 1)
+    n_out = min(int(removed_out[rest].sum(1).min()), removed_out.shape[1] - 1)
+    return whole, n_in, n_out
+
+
+def _equalize_groups(analysis: ChannelAnalysis, candidates: set[int]) -> bool:
+    """Keep removable channels of grouped convs until every group loses the same count."""
+    changed = False
+    for grouped in analysis.grouped.values():
+        sides = [analysis.class_of[info.first : info.first + info.width].reshape(grouped.groups, -1)
+                 for info in (grouped.inputs, grouped.outputs)]
+        masks = [np.isin(cls, np.fromiter(candidates, dtype=np.int64, count=len(candidates))) for cls in sides]
+        whole, *targets = group_removal_targets(*masks)
+        for cls, mask, target in zip(sides, masks, targets):
+            for g in np.nonzero(~whole)[0]:
+                extra = cls[g][mask[g]][target:]  # the removed ones beyond the target stay
+                for k in extra.tolist():
+                    if k in candidates:
+                        candidates.discard(k)
+                        changed = True
+    return changed
+
+
+def _round_kept_channels(analysis: ChannelAnalysis, candidates: set[int], multiple: int) -> bool:
     """Keep some removable channels so every conv keeps a multiple of ``multiple`` outputs.
 
     ONNX Runtime's CPU convs use their blocked (SIMD-width) layout only for such
@@ -86,6 +136,7 @@ def _round_kept_channels(analysis: ChannelAnalysis, candidates: set[int], multip
     removable channel is always exact; un-removing only grows other convs' counts,
     so the loop ends.
     """
+    changed_any = False
     changed = True
     while changed:
         changed = False
@@ -96,7 +147,8 @@ def _round_kept_channels(analysis: ChannelAnalysis, candidates: set[int], multip
             target = min(-(-kept // multiple) * multiple, len(classes))
             for k in removed[: target - kept]:
                 candidates.discard(k)
-                changed = True
+                changed = changed_any = True
+    return changed_any
 
 
 def keep_indices(analysis: ChannelAnalysis, removed: set[int]) -> dict[fx.Node, torch.Tensor]:
@@ -120,8 +172,8 @@ def expand_columns(channels: torch.Tensor, expansion: int) -> torch.Tensor:
 # ---------------------------------------------------------------- contributions of removed channels
 
 
-class _CaptureInputs(fx.Interpreter):
-    """Runs the graph, keeping the first sample of the input of selected nodes."""
+class _CaptureValues(fx.Interpreter):
+    """Runs the graph, keeping the first sample of the value of selected nodes."""
 
     def __init__(self, gm: fx.GraphModule, targets: set[fx.Node]):
         super().__init__(gm)
@@ -129,9 +181,32 @@ class _CaptureInputs(fx.Interpreter):
         self.captured: dict[fx.Node, torch.Tensor] = {}
 
     def run_node(self, n: fx.Node):
+        result = super().run_node(n)
         if n in self.targets:
-            self.captured[n] = self.env[n.args[0]][:1].detach().clone()
-        return super().run_node(n)
+            self.captured[n] = result[:1].detach().clone()
+        return result
+
+
+def dense_input_weight(conv: nn.Conv2d, cols: torch.Tensor) -> torch.Tensor:
+    """The (O, len(cols), Kh, Kw) float64 weight of input channels ``cols``, as if ``groups`` were 1.
+
+    A grouped conv's output o reads only the inputs of its own group; the others get zeros.
+    """
+    weight = conv.weight.detach().to(torch.float64)
+    if conv.groups == 1:
+        return weight[:, cols]
+    per_in, per_out = conv.in_channels // conv.groups, conv.out_channels // conv.groups
+    same_group = (torch.arange(conv.out_channels)[:, None] // per_out) == (cols[None, :] // per_in)
+    return weight[:, cols % per_in] * same_group.to(weight.device, weight.dtype)[:, :, None, None]
+
+
+def _conv_like(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x`` convolved with ``weight`` (groups=1) with the geometry and padding mode of ``conv``."""
+    padding = conv.padding
+    if conv.padding_mode != "zeros":
+        x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+        padding = 0
+    return F.conv2d(x, weight, None, conv.stride, padding, conv.dilation)
 
 
 def removed_contribution(module: nn.Module, x: torch.Tensor, removed_in: torch.Tensor, expansion: int = 1) -> torch.Tensor:
@@ -143,37 +218,169 @@ def removed_contribution(module: nn.Module, x: torch.Tensor, removed_in: torch.T
     """
     cols = expand_columns(removed_in, expansion)
     only_removed = x[:, cols].to(torch.float64)
-    weight = module.weight.detach()[:, cols].to(torch.float64)
     if isinstance(module, nn.Linear):
-        return F.linear(only_removed, weight)[0]
-    if module.padding_mode != "zeros":
-        only_removed = F.pad(only_removed, module._reversed_padding_repeated_twice, mode=module.padding_mode)
-        padding = 0
-    else:
-        padding = module.padding
-    return F.conv2d(only_removed, weight, None, module.stride, padding, module.dilation, module.groups)[0]
+        return F.linear(only_removed, module.weight.detach()[:, cols].to(torch.float64))[0]
+    return _conv_like(module, only_removed, dense_input_weight(module, removed_in))[0]
 
 
-def is_spatially_constant(contribution: torch.Tensor) -> bool:
-    if contribution.dim() == 1:
-        return True
-    flat = contribution.flatten(1)
-    spread = (flat - flat[:, :1]).abs().max()
-    return bool(spread <= 1e-9 * max(float(flat.abs().max()), 1e-30))
+def dead_channel_weight(conv: nn.Conv2d, constants: torch.Tensor, removed_in: torch.Tensor) -> torch.Tensor:
+    """(O, 1, Kh, Kw): ``Σ_c constants[c] · W[:, c]`` over the removed inputs, so that convolving a
+    ones map with it equals convolving the removed channels' constant maps with ``W``."""
+    weight = dense_input_weight(conv, removed_in)
+    return torch.einsum("orhw,r->ohw", weight, constants.to(weight)).unsqueeze(1)
+
+
+def has_zero_padding(conv: nn.Conv2d) -> bool:
+    """Whether the conv pads with zeros (a constant input then gives a position-dependent output)."""
+    if conv.padding_mode != "zeros":
+        return False  # reflect/replicate/circular padding of a constant map is that constant
+    if isinstance(conv.padding, str):
+        return conv.padding == "same" and any(d * (k - 1) > 0 for k, d in zip(conv.kernel_size, conv.dilation))
+    return any(p > 0 for p in conv.padding)
+
+
+# Uniformity: a dead filter emits a per-channel constant; which ops keep the removed channels' maps
+# constant at every resolution, and which linear ones make them position-dependent (but replayable).
+
+_ZERO_PADS = (nn.ZeroPad2d, nn.modules.padding._ConstantPadNd)
+_UNIFORM_PADS = (nn.ReflectionPad2d, nn.ReplicationPad2d, nn.CircularPad2d)
+_LINEAR_SPATIAL_MODULES = (nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Upsample, nn.Identity, nn.Dropout, nn.Dropout2d,
+                           *_ZERO_PADS, *_UNIFORM_PADS)
+_LINEAR_SPATIAL_FUNCTIONS = (F.pad, F.avg_pool2d, F.adaptive_avg_pool2d, F.interpolate)
+
+
+def _call_args(node: fx.Node, names: tuple[str, ...], defaults: tuple) -> dict:
+    values = dict(zip(names, defaults))
+    values.update(zip(names, node.args))
+    values.update(node.kwargs)
+    return values
+
+
+def _avg_pool_breaks_uniform(padding, count_include_pad, divisor_override) -> bool:
+    return divisor_override is not None or (bool(count_include_pad) and any(p > 0 for p in _pair(padding)))
+
+
+def _pair(v) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def breaks_uniformity(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """An op that turns a constant map into a position-dependent one (zero padding, padded average pools)."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if isinstance(module, _ZERO_PADS):
+            return True
+        if isinstance(module, nn.AvgPool2d):
+            return _avg_pool_breaks_uniform(module.padding, module.count_include_pad, module.divisor_override)
+        return False
+    if node.op == "call_function" and node.target is F.pad:
+        return _call_args(node, ("input", "pad", "mode", "value"), (None, None, "constant", None))["mode"] == "constant"
+    if node.op == "call_function" and node.target is F.avg_pool2d:
+        a = _call_args(node, ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+                              "divisor_override"), (None, None, None, 0, False, True, None))
+        return _avg_pool_breaks_uniform(a["padding"], a["count_include_pad"], a["divisor_override"])
+    return False
+
+
+def uniform_nodes(gm: fx.GraphModule, analysis: ChannelAnalysis) -> set[fx.Node]:
+    """Nodes whose removed channels are spatially constant at every input resolution.
+
+    Removed channels start as dead filters (constant maps: a conv's output); the
+    channel-wise, elementwise and concat ops the analysis lets them pass keep them
+    constant, except those of :func:`breaks_uniformity`.
+    """
+    uniform: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Conv2d):
+            uniform.add(node)
+        elif not breaks_uniformity(gm, node) and all(
+            a in uniform for a in node.all_input_nodes if a in analysis.channels
+        ):
+            uniform.add(node)
+    return uniform
+
+
+def is_linear_spatial(gm: fx.GraphModule, node: fx.Node, analysis: ChannelAnalysis) -> bool:
+    """A parameterless op, the same linear map on every channel, of its single tensor input."""
+    src = node.args[0] if node.args else None
+    if not (isinstance(src, fx.Node) and node.all_input_nodes == [src] and src in analysis.channels
+            and analysis.channels.get(node) is analysis.channels[src]):
+        return False
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if isinstance(module, nn.modules.padding._ConstantPadNd) and module.value != 0:
+            return False
+        return isinstance(module, _LINEAR_SPATIAL_MODULES) and not any(True for _ in module.parameters())
+    if node.op == "call_function" and node.target is F.pad:
+        return _call_args(node, ("input", "pad", "mode", "value"), (None, None, "constant", None))["value"] in (None, 0)
+    return node.op == "call_function" and node.target in _LINEAR_SPATIAL_FUNCTIONS
+
+
+def constant_source(gm: fx.GraphModule, src: fx.Node, uniform: set[fx.Node], analysis: ChannelAnalysis):
+    """``(base, chain)``: ``src`` is ``chain`` (linear spatial ops, first to last) applied to ``base``, whose
+    removed channels are constant at every resolution; None if there is no such chain."""
+    chain = []
+    node = src
+    while node not in uniform:
+        if not is_linear_spatial(gm, node, analysis):
+            return None
+        chain.append(node)
+        node = node.args[0]
+    return node, chain[::-1]
+
+
+def replay_chain(gm: fx.GraphModule, chain: list[fx.Node], x: torch.Tensor) -> torch.Tensor:
+    """Apply the ops of ``chain`` to ``x`` eagerly (their only tensor argument is the first)."""
+    for node in chain:
+        fn = gm.get_submodule(node.target) if node.op == "call_module" else node.target
+        x = fn(x, *node.args[1:], **node.kwargs)
+    return x
 
 
 # ---------------------------------------------------------------- surgery
 
 
-def _sliced_conv(conv: nn.Conv2d, out_keep: torch.Tensor | None, in_keep: torch.Tensor | None) -> nn.Conv2d:
+def grouped_weight(weight: torch.Tensor, groups: int, out_keep: torch.Tensor, in_keep: torch.Tensor,
+                   in_channels: int, node: fx.Node | None = None) -> tuple[torch.Tensor, int]:
+    """The weight of a grouped conv restricted to ``out_keep`` / ``in_keep`` (global indices); new group count.
+
+    Every remaining group must keep the same number of inputs and outputs (the planner ensures it).
+    """
+    per_in, per_out = in_channels // groups, weight.shape[0] // groups
+    in_groups, out_groups = in_keep // per_in, out_keep // per_out
+    kept_groups = torch.unique(torch.cat([in_groups, out_groups]))
+    in_counts = torch.bincount(in_groups, minlength=groups)[kept_groups]
+    out_counts = torch.bincount(out_groups, minlength=groups)[kept_groups]
+    if not (in_counts == in_counts[0]).all() or not (out_counts == out_counts[0]).all() or in_counts[0] == 0 \
+            or out_counts[0] == 0:
+        raise pass_error(PASS, node, f"unequal groups after removal (inputs per group {in_counts.tolist()}, "
+                                     f"outputs per group {out_counts.tolist()})")
+    local_in = (in_keep % per_in).reshape(len(kept_groups), -1)  # (G', Cg'), sorted within each group
+    rank = torch.searchsorted(kept_groups, out_groups)  # output row -> its group among the kept ones
+    cols = local_in[rank].to(weight.device)  # (O', Cg')
+    rows = weight[out_keep]
+    index = cols[:, :, None, None].expand(-1, -1, *weight.shape[2:])
+    return torch.gather(rows, 1, index), len(kept_groups)
+
+
+def _sliced_conv(conv: nn.Conv2d, out_keep: torch.Tensor | None, in_keep: torch.Tensor | None,
+                 node: fx.Node | None = None) -> nn.Conv2d:
     weight, bias = conv.weight.detach(), None if conv.bias is None else conv.bias.detach()
     depthwise = conv.groups > 1 and conv.groups == conv.in_channels
-    if out_keep is not None:
-        weight = weight[out_keep]
+    groups = conv.groups
+    if conv.groups > 1 and not depthwise:
+        out_keep = torch.arange(conv.out_channels) if out_keep is None else out_keep
+        in_keep = torch.arange(conv.in_channels) if in_keep is None else in_keep
         bias = None if bias is None else bias[out_keep]
-    if in_keep is not None and not depthwise:
-        weight = weight[:, in_keep]
-    groups = len(in_keep) if (depthwise and in_keep is not None) else conv.groups
+        weight, groups = grouped_weight(weight, conv.groups, out_keep, in_keep, conv.in_channels, node)
+    else:
+        if out_keep is not None:
+            weight = weight[out_keep]
+            bias = None if bias is None else bias[out_keep]
+        if in_keep is not None and not depthwise:
+            weight = weight[:, in_keep]
+        if depthwise and in_keep is not None:
+            groups = len(in_keep)
     in_channels = weight.shape[1] * groups
     new = skip_init(nn.Conv2d, in_channels, weight.shape[0], conv.kernel_size, conv.stride, conv.padding,
                     conv.dilation, groups, bias is not None, conv.padding_mode, device=weight.device,
@@ -217,16 +424,41 @@ def _add_bias(module: nn.Module, delta: torch.Tensor) -> None:
         module.bias += delta.to(module.bias.dtype)
 
 
-def _insert_bias_map(gm: fx.GraphModule, node: fx.Node, bias_map: torch.Tensor) -> None:
-    path = unique_attr_name(gm, f"{node.target}_dead_channel_bias")
-    owner, _, leaf = path.rpartition(".")
-    (gm.get_submodule(owner) if owner else gm).register_buffer(leaf, bias_map[None].contiguous())
-    with gm.graph.inserting_after(node):
-        attr = gm.graph.create_node("get_attr", path, name=f"{node.name}_dead_channel_bias")
-    with gm.graph.inserting_after(attr):
-        add = gm.graph.create_node("call_function", torch.add, (node, attr), name=f"{node.name}_plus_dead_channels")
+@dataclass
+class DeadChannelConv:
+    """A position-dependent constant for a consumer conv: ``conv(chain(ones_like(base[:, :1])), weight)``."""
+
+    weight: torch.Tensor  # (O, 1, Kh, Kw), float64
+    base: fx.Node
+    chain: list[fx.Node]
+
+
+def _insert_dead_channel_conv(gm: fx.GraphModule, node: fx.Node, consumer: nn.Conv2d, plan: DeadChannelConv) -> None:
+    """``node + conv(chain(ones_like(base[:, :1])))``: the removed channels' effect, at any input size."""
+    weight = plan.weight.to(consumer.weight.dtype)
+    conv = skip_init(nn.Conv2d, 1, weight.shape[0], consumer.kernel_size, consumer.stride, consumer.padding,
+                     consumer.dilation, 1, False, consumer.padding_mode, device=consumer.weight.device,
+                     dtype=weight.dtype)
+    with torch.no_grad():
+        conv.weight.copy_(weight)
+    conv.requires_grad_(False)  # a constant of the removed channels, not a trainable weight
+    path = unique_attr_name(gm, f"{node.target}_dead_channels")
+    gm.add_submodule(path, conv)
+    graph = gm.graph
+    with graph.inserting_before(node):
+        first = graph.call_function(operator.getitem, (plan.base, (slice(None), slice(None, 1))))
+        x = graph.call_function(torch.ones_like, (first,))
+        for op in plan.chain:
+            x = graph.create_node(op.op, op.target, (x, *op.args[1:]), dict(op.kwargs))
+        dead = graph.call_module(path, (x,))
+    with graph.inserting_after(node):
+        add = graph.call_function(torch.add, (node, dead))
     node.replace_all_uses_with(add, delete_user_cb=lambda user: user is not add)
-    swpfx_meta(add).update(role="dead_channel_bias", conv=swpfx_meta(node).get("conv", node.name))
+    conv_name = swpfx_meta(node).get("conv", node.name)
+    for new in (first, x, add):
+        swpfx_meta(new).setdefault("role", "dead_channel_constant")
+        swpfx_meta(new).setdefault("conv", conv_name)
+    swpfx_meta(dead).update(role="dead_channel_conv", conv=conv_name)
 
 
 def _slice_functional_batchnorm(gm: fx.GraphModule, node: fx.Node, keep: torch.Tensor) -> None:
@@ -249,7 +481,8 @@ def _slice_functional_batchnorm(gm: fx.GraphModule, node: fx.Node, keep: torch.T
 class RemoveChannelsResult:
     graph_module: fx.GraphModule
     removed: dict[str, int]  # producer conv node name -> output channels removed
-    bias_maps: list[str]  # consumer nodes that got a position-dependent bias map
+    # consumer convs whose removed inputs' constant depends on the position (added by a ones-map conv)
+    bias_maps: list[str]
 
 
 def remove_channels(
@@ -269,7 +502,8 @@ def remove_channels(
     raises if a requested channel cannot be removed (coupled or pinned);
     otherwise such channels are silently kept (they stay exact either way).
     ``channel_multiple`` rounds each conv's kept outputs up to a multiple (see
-    :func:`plan_removal`).
+    :func:`plan_removal`). With ``fold_constants`` the result is exact at every
+    input resolution, not only the example's.
 
     Example:
         >>> import torch, torchvision
@@ -294,18 +528,21 @@ def remove_channels(
         if node not in analysis.producers:
             if strict:
                 raise pass_error(PASS, node, "is not a conv whose output channels can be removed")
-            del requests[node]  # e.g. a grouped conv: its channels stay
-    removed = plan_removal(analysis, requests, strict=strict, channel_multiple=channel_multiple)
+            del requests[node]  # e.g. a conv whose input channels are not tracked: its channels stay
+    sources, unfoldable = _constant_sources(gm, analysis) if fold_constants else ({}, set())
+    removed = plan_removal(analysis, requests, strict=strict, channel_multiple=channel_multiple,
+                           keep_classes=unfoldable)
     keep = keep_indices(analysis, removed)
     merge_classes = _merge_classes(analysis, merge_into or {}, by_name, removed)
     consumers = _consumers_losing_inputs(gm, analysis, keep)
     captured = {}
     if fold_constants and consumers:
-        capture = _CaptureInputs(gm, set(consumers))
+        targets = {n.args[0] for n in consumers} | {sources[n][0] for n in consumers if n in sources}
+        capture = _CaptureValues(gm, targets)
         with torch.no_grad():
             capture.run(*example_inputs)
         captured = capture.captured
-    bias_maps = []
+    dead_channel_convs: list[tuple[fx.Node, nn.Conv2d, DeadChannelConv]] = []
     removed_counts = {}
     for node in list(gm.graph.nodes):
         if node.op == "call_module":
@@ -315,15 +552,16 @@ def remove_channels(
             if isinstance(module, nn.Conv2d) and (out_keep is not None or in_keep is not None):
                 if node in analysis.producers and out_keep is not None:
                     removed_counts[node.name] = module.out_channels - len(out_keep)
-                bias_map = _fix_consumer(module, node, src, analysis, keep, captured, merge_classes)
-                new = _sliced_conv(module, out_keep, in_keep)
+                plan = _fix_consumer(module, node, src, analysis, keep, captured, merge_classes, sources)
+                new = _sliced_conv(module, out_keep, in_keep, node)
                 gm.add_submodule(node.target, new)
-                if bias_map is not None:
-                    _insert_bias_map(gm, node, bias_map if out_keep is None else bias_map[out_keep])
-                    bias_maps.append(node.name)
+                if plan is not None:
+                    if out_keep is not None:
+                        plan.weight = plan.weight[out_keep]
+                    dead_channel_convs.append((node, new, plan))
                 _slice_mask(node, out_keep)
             elif isinstance(module, nn.Linear) and in_keep is not None:
-                _fix_consumer(module, node, src, analysis, keep, captured, merge_classes)
+                _fix_consumer(module, node, src, analysis, keep, captured, merge_classes, sources)
                 cols = expand_columns(in_keep, analysis.channels[src].expansion)
                 gm.add_submodule(node.target, _sliced_linear(module, cols))
             elif isinstance(module, nn.modules.batchnorm._BatchNorm) and out_keep is not None:
@@ -335,10 +573,13 @@ def remove_channels(
                 gm.add_submodule(node.target, new)
         elif node.op == "call_function" and node.target is F.batch_norm and node in keep:
             _slice_functional_batchnorm(gm, node, keep[node])
+    # after all slicing: the inserted adds take over their consumer's uses, which the loop keys on
+    for node, consumer, plan in dead_channel_convs:
+        _insert_dead_channel_conv(gm, node, consumer, plan)
     gm.graph.lint()
     gm.recompile()
     propagate_shapes(gm, example_inputs)
-    return RemoveChannelsResult(gm, removed_counts, bias_maps)
+    return RemoveChannelsResult(gm, removed_counts, [node.name for node, _, _ in dead_channel_convs])
 
 
 def _slice_mask(node: fx.Node, out_keep: torch.Tensor | None) -> None:
@@ -347,16 +588,42 @@ def _slice_mask(node: fx.Node, out_keep: torch.Tensor | None) -> None:
         meta["mask"] = meta["mask"][out_keep]
 
 
+def _is_folding_consumer(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Conv (not depthwise) and Linear call_module nodes: removed inputs feed kept outputs."""
+    if node.op != "call_module" or not node.args:
+        return False
+    module = gm.get_submodule(node.target)
+    return isinstance(module, nn.Linear) or (
+        isinstance(module, nn.Conv2d) and not (module.groups > 1 and module.groups == module.in_channels))
+
+
 def _consumers_losing_inputs(gm: fx.GraphModule, analysis: ChannelAnalysis, keep) -> list[fx.Node]:
-    """Conv (groups=1) and Linear nodes whose input loses channels."""
-    out = []
+    return [n for n in gm.graph.nodes if _is_folding_consumer(gm, n) and n.args[0] in keep]
+
+
+def _constant_sources(gm: fx.GraphModule, analysis: ChannelAnalysis):
+    """Per folding consumer, where its removed inputs' constants come from; and the classes that must stay.
+
+    A conv's removed inputs must be constant maps, or constants made position-dependent
+    by linear spatial ops only (replayed on a ones map). A Linear after a spatial
+    reduction needs constants; after a flatten of a fixed-size map any value works.
+    """
+    uniform = uniform_nodes(gm, analysis)
+    sources: dict[fx.Node, tuple[fx.Node, list[fx.Node]]] = {}
+    unfoldable: set[int] = set()
     for node in gm.graph.nodes:
-        if node.op != "call_module" or not node.args or node.args[0] not in keep:
+        src = node.args[0] if node.args else None
+        if not _is_folding_consumer(gm, node) or src not in analysis.channels:
             continue
-        module = gm.get_submodule(node.target)
-        if isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1):
-            out.append(node)
-    return out
+        if isinstance(gm.get_submodule(node.target), nn.Linear):
+            found = (src, []) if src in uniform or analysis.channels[src].expansion > 1 else None
+        else:
+            found = constant_source(gm, src, uniform, analysis)
+        if found is None:
+            unfoldable.update(analysis.classes_of(src).tolist())
+        else:
+            sources[node] = found
+    return sources, unfoldable
 
 
 def _merge_classes(analysis, merge_into, by_name, removed) -> dict[int, int]:
@@ -375,12 +642,21 @@ def _merge_classes(analysis, merge_into, by_name, removed) -> dict[int, int]:
     return merge
 
 
-def _fix_consumer(module, node, src, analysis, keep, captured, merge_classes):
+def _check_fold(node: fx.Node, expected: torch.Tensor, actual: torch.Tensor) -> None:
+    """The folded form must reproduce the removed channels' contribution at the example size."""
+    scale = max(float(expected.abs().max()), float(actual.abs().max()), 1e-30)
+    err = float((expected - actual).abs().max()) / scale
+    if err > 1e-5:
+        raise pass_error(PASS, node, f"the folded constant of the removed input channels differs from their "
+                                     f"contribution by {err:.1e} (relative) at the example input")
+
+
+def _fix_consumer(module, node, src, analysis, keep, captured, merge_classes, sources):
     """Account for removed input channels of a consumer before they are sliced away.
 
-    Returns a position-dependent bias map if one is needed, else None.
+    Returns a :class:`DeadChannelConv` if the constant's effect depends on the position, else None.
     """
-    if not (isinstance(module, nn.Linear) or module.groups == 1) or src not in keep:
+    if not _is_folding_consumer(analysis.gm, node) or src not in keep:
         return None
     info = analysis.channels[src]
     classes = analysis.classes_of(src)
@@ -391,13 +667,27 @@ def _fix_consumer(module, node, src, analysis, keep, captured, merge_classes):
         position = {int(cls): c for c, cls in enumerate(classes.tolist())}
         pairs = [(c, position[merge_classes[int(classes[c])]]) for c in removed_in.tolist()
                  if int(classes[c]) in merge_classes and merge_classes[int(classes[c])] in position]
+        if pairs and isinstance(module, nn.Conv2d) and module.groups > 1:
+            raise pass_error(PASS, node, "merging removed input channels into kept ones of a grouped conv "
+                                         "is not supported", NotImplementedError)
         _merge_input_weights(module.weight, pairs, info.expansion)
         return None
-    if node not in captured:
+    if src not in captured:
         return None
-    contribution = removed_contribution(module, captured[node], removed_in, info.expansion)
-    if is_spatially_constant(contribution):
-        delta = contribution if contribution.dim() == 1 else contribution[:, 0, 0]
-        _add_bias(module, delta)
+    expected = removed_contribution(module, captured[src], removed_in, info.expansion)
+    if isinstance(module, nn.Linear):
+        _add_bias(module, expected)
         return None
-    return contribution.to(module.weight.dtype)
+    base, chain = sources[node]
+    constants = captured[base][0, removed_in].to(torch.float64).flatten(1).mean(1)  # uniform maps
+    weight = dead_channel_weight(module, constants, removed_in)
+    if not bool(weight.any()):
+        return None  # every removed constant is zero (e.g. a negative BN shift through ReLU)
+    ones = torch.ones((1, 1, *captured[base].shape[2:]), dtype=torch.float64, device=weight.device)
+    with torch.no_grad():
+        actual = _conv_like(module, replay_chain(analysis.gm, chain, ones), weight)[0]
+    _check_fold(node, expected, actual)
+    if not chain and not has_zero_padding(module):
+        _add_bias(module, weight.sum((1, 2, 3)))  # a constant input gives a constant output
+        return None
+    return DeadChannelConv(weight, base, chain)

@@ -10,11 +10,13 @@
 from swpfx.central_filter import central_filter, l1_filter_prune
 from swpfx.convert import convert
 from swpfx.cost import CostReport, compare, cost
+from swpfx.importance import stripe_importance
 from swpfx.export import ExportError, ExportResult, ExportVerificationError, export_onnx, ort_session, run_onnx, verify_onnx
 from swpfx.persist import load, save
 from swpfx.prepare import PrepareConfig, is_prepared, prepare, skeletons, skipped_convs
 from swpfx.tracing import TracingError
-from swpfx.training import param_groups, regularize_skeletons_, skeleton_penalty
+from swpfx.sparsity import SparsityReport, sparsity
+from swpfx.training import param_groups, regularize_skeletons_, scheduled_sparsity, skeleton_penalty
 
 __all__ = [
     "CostReport",
@@ -22,6 +24,7 @@ __all__ = [
     "ExportResult",
     "ExportVerificationError",
     "PrepareConfig",
+    "SparsityReport",
     "TracingError",
     "central_filter",
     "compare",
@@ -37,9 +40,12 @@ __all__ = [
     "regularize_skeletons_",
     "run_onnx",
     "save",
+    "scheduled_sparsity",
     "skeleton_penalty",
     "skeletons",
     "skipped_convs",
+    "sparsity",
+    "stripe_importance",
     "verify_onnx",
 ]
 __version__ = "0.1.0"

@@ -1,16 +1,18 @@
-"""Pruning to a FLOPs budget: the stripe cut that meets ``flops_target`` × the dense FLOPs.
+"""Pruning to a FLOPs budget: the fewest pruned stripes (or filters) that meet ``flops_target`` × the dense FLOPs.
 
-After BatchNorm a filter's skeleton scale is arbitrary (DESIGN.md §2: the L1
-penalty shrinks whole layers uniformly), so one global threshold on raw ``|I|``
-prunes layers all at once. Here each stripe is scored by its magnitude divided by
-its layer's mean magnitude, and one global cut on that score is searched so that
-the converted graph's FLOPs — as :func:`swpfx.cost` counts them for the lowering
-mode in use, lowering ops included — are at most the target.
+After BatchNorm a filter's skeleton scale is arbitrary (DESIGN.md §2, §9), so
+``|I|`` alone cannot rank stripes. Here stripes are put in one total order by
+their scale-free importance (:func:`swpfx.stripe_importance`; ties broken by
+weight magnitude, then position), and the budget prunes the k lowest for the
+smallest k whose converted graph's FLOPs — as :func:`swpfx.cost` counts them for
+the lowering mode in use, lowering ops included — are at most the target. One
+more k prunes one more unit, so a budget never jumps from "keep all" to "keep
+nothing", even on a freshly prepared model whose skeletons are all 1.
 
 The search runs in two phases: a binary search on an analytic FLOPs estimate
-(the channel analysis is done once; a cut only changes which filters are dead and
+(the channel analysis is done once; k only changes which filters are dead and
 how many stripes each keeps), then exact checks with the real pipeline and
-:func:`swpfx.cost`, stepping the cut up until the real count meets the budget.
+:func:`swpfx.cost`, stepping k up until the real count meets the budget.
 """
 
 from __future__ import annotations
@@ -25,56 +27,48 @@ from swpfx.passes.analyze_channels import ChannelAnalysis, analyze_channels
 from swpfx.passes.fold_skeletons import fold_skeletons
 from swpfx.passes.graph_utils import swpfx_meta
 from swpfx.passes.remove_channels import keep_indices, plan_removal
+from swpfx.importance import DEFAULT_SCOPE, normalize_per_layer, stripe_importance, stripe_ranks
+from swpfx.pipeline import convert_with_masks
 from swpfx.prepare import skeletons
 
 
-def normalized_stripe_scores(skels: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``|I| / mean(|I|)`` per layer (a layer whose skeleton is all zero scores 0).
+def pruning_order(prepared: fx.GraphModule, granularity: str = "stripe", scope: str = DEFAULT_SCOPE):
+    """``(ranks, always, units)``: the order in which a budget prunes, strongest last.
+
+    ``ranks[name]`` (O, Kh, Kw) holds each stripe's position in one total order —
+    its own with ``granularity="stripe"``, its filter's with ``"filter"`` (filters
+    ranked by summed stripe importance) — by scale-free importance
+    (:func:`swpfx.stripe_importance`), ties broken by weight magnitude and then
+    position, so every step of a budget search prunes one more unit. ``scope``: as in
+    the gradual training rule, importance over its layer's mean (``"layer"``) or raw
+    (``"global"``). ``always`` marks stripes that are exactly
+    zero (hard-zeroed in training): they go at any budget. ``units`` is how many
+    units the order has.
+    """
+    scores = stripe_importance(prepared)
+    if scope == "layer":
+        scores = normalize_per_layer(scores)
+    skels = skeletons(prepared)
+    always = {name: (s.detach() == 0).cpu() for name, s in skels.items()}
+    weight_size = stripe_importance(prepared, rule="skeleton")  # |I| breaks ties of equal importance
+    if granularity == "stripe":
+        ranks = stripe_ranks(scores, tiebreak=weight_size)
+        return ranks, always, sum(r.numel() for r in ranks.values())
+    filter_ranks = stripe_ranks({n: s.flatten(1).sum(1) for n, s in scores.items()},
+                                tiebreak={n: s.flatten(1).sum(1) for n, s in weight_size.items()})
+    ranks = {n: r[:, None, None].expand_as(always[n]) for n, r in filter_ranks.items()}
+    return ranks, always, sum(r.numel() for r in filter_ranks.values())
+
+
+def masks_pruning(ranks: dict[str, torch.Tensor], always: dict[str, torch.Tensor], count: int) -> dict[str, torch.Tensor]:
+    """Keep masks that prune the ``count`` lowest-ranked units and every stripe in ``always``.
 
     Example:
-        >>> s = normalized_stripe_scores({"a": torch.tensor([[[1.0, 3.0]]]), "b": torch.tensor([[[10.0, 30.0]]])})
-        >>> s["a"].tolist() == s["b"].tolist() == [[[0.5, 1.5]]]
-        True
+        >>> ranks = {"a": torch.tensor([[[2, 0]], [[1, 3]]])}
+        >>> masks_pruning(ranks, {"a": torch.zeros(2, 1, 2, dtype=torch.bool)}, 2)["a"].flatten().tolist()
+        [True, False, False, True]
     """
-    scores = {}
-    for name, skel in skels.items():
-        magnitude = skel.detach().abs().double().cpu()
-        mean = magnitude.mean()
-        scores[name] = magnitude / mean if mean > 0 else torch.zeros_like(magnitude)
-    return scores
-
-
-def normalized_filter_scores(skels: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Every stripe scored by its *filter's* ``Σ|I|`` over the layer's mean filter mass.
-
-    All stripes of a filter share the score, so a cut removes whole filters (the
-    channel pruning ONNX Runtime turns into speed); stripes that are exactly zero
-    (hard-zeroed in training) score 0 and go at any cut.
-
-    Example:
-        >>> s = normalized_filter_scores({"a": torch.tensor([[[1.0, 0.0]], [[1.5, 1.5]]])})
-        >>> s["a"].tolist()   # filter masses 1 and 3, mean 2
-        [[[0.5, 0.0]], [[1.5, 1.5]]]
-    """
-    scores = {}
-    for name, skel in skels.items():
-        magnitude = skel.detach().abs().double().cpu()
-        mass = magnitude.flatten(1).sum(1)
-        mean = mass.mean()
-        per_filter = mass / mean if mean > 0 else torch.zeros_like(mass)
-        scores[name] = torch.where(magnitude > 0, per_filter[:, None, None].expand_as(magnitude), 0.0)
-    return scores
-
-
-def masks_at_cut(scores: dict[str, torch.Tensor], cut: float) -> dict[str, torch.Tensor]:
-    """Keep the stripes scoring strictly above ``cut``."""
-    return {name: s > cut for name, s in scores.items()}
-
-
-def candidate_cuts(scores: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Every distinct score, ascending, preceded by -1 (keep everything)."""
-    values = torch.cat([s.flatten() for s in scores.values()]) if scores else torch.zeros(0, dtype=torch.float64)
-    return torch.cat([torch.tensor([-1.0], dtype=torch.float64), torch.unique(values)])
+    return {name: (r >= count) & ~always[name] for name, r in ranks.items()}
 
 
 @dataclass
@@ -142,58 +136,56 @@ class FlopsEstimator:
 
 
 def masks_for_flops_target(prepared: fx.GraphModule, flops_target: float, lowering: str, probe: tuple,
-                           channel_multiple: int = 1, granularity: str = "stripe"):
-    """The smallest cut whose converted FLOPs are ≤ ``flops_target`` × dense.
+                           channel_multiple: int = 1, granularity: str = "stripe", scope: str = DEFAULT_SCOPE):
+    """The fewest pruned units (of :func:`pruning_order`) whose converted FLOPs are ≤ ``flops_target`` × dense.
 
-    FLOPs fall (weakly) as the cut rises, so the smallest such cut prunes the
-    least and lands as close to the target as the stripe granularity allows.
+    FLOPs fall (weakly) as more units are pruned, so the smallest such count
+    prunes the least and lands as close to the target as one unit allows.
     Returns ``(masks, report)`` where ``report`` describes the chosen cut.
     """
-    from swpfx.convert import convert_with_masks
     from swpfx.cost import cost
 
-    score = {"stripe": normalized_stripe_scores, "filter": normalized_filter_scores}[granularity]
-    scores = score(skeletons(prepared))
-    cuts = candidate_cuts(scores)
+    ranks, always, units = pruning_order(prepared, granularity, scope)
     dense_flops = cost(prepared, probe).flops
     budget = flops_target * dense_flops
     estimator = FlopsEstimator(prepared, probe, lowered=lowering != "never", channel_multiple=channel_multiple)
     # the estimate covers convs and Linears; other matmuls are unchanged by pruning
-    rest = dense_flops - estimator.flops(masks_at_cut(scores, -1.0))
+    rest = dense_flops - estimator.flops({name: torch.ones_like(r, dtype=torch.bool) for name, r in ranks.items()})
 
-    def estimate(index: int) -> int:
-        return rest + estimator.flops(masks_at_cut(scores, float(cuts[index])))
+    def estimate(count: int) -> int:
+        return rest + estimator.flops(masks_pruning(ranks, always, count))
 
-    def real(index: int) -> int:
-        gm, _ = convert_with_masks(prepared, masks_at_cut(scores, float(cuts[index])), lowering, probe, channel_multiple)
+    def real(count: int) -> int:
+        gm, _ = convert_with_masks(prepared, masks_pruning(ranks, always, count), lowering, probe, channel_multiple)
         return cost(gm, probe).flops
 
-    index = _first_index_within(estimate, budget, 0, len(cuts) - 1)
-    flops = real(index)
+    count = _first_index_within(estimate, budget, 0, units)
+    flops = real(count)
     if flops > budget:  # the estimate was optimistic (lowering overheads): gallop up, then bisect
-        below, step = index, 1
+        below, step = count, 1
         while flops > budget:
-            if index == len(cuts) - 1:
+            if count == units:
                 raise ValueError(
                     f"swpfx.convert: flops_target={flops_target} is not reachable; pruning every stripe of every "
                     f"prepared conv leaves {flops / dense_flops:.3f} of the dense FLOPs (unprepared layers, "
                     "channels pinned by the graph, and one channel kept per tensor)"
                 )
-            below, index = index, min(index + step, len(cuts) - 1)
+            below, count = count, min(count + step, units)
             step *= 2
-            flops = real(index)
-        found = _first_index_within(lambda i: real(i) if i != index else flops, budget, below + 1, index)
-        index, flops = found, (flops if found == index else real(found))
-    cut = float(cuts[index])
+            flops = real(count)
+        found = _first_index_within(lambda i: real(i) if i != count else flops, budget, below + 1, count)
+        count, flops = found, (flops if found == count else real(found))
+    masks = masks_pruning(ranks, always, count)
     report = {
         "flops_target": flops_target,
         "granularity": granularity,
-        "normalized_cut": cut,
+        "importance": f"scale_free/{scope}",
+        "pruned_units": count,
         "flops_ratio": flops / dense_flops,
-        "kept_stripes": int(sum(int((s > cut).sum()) for s in scores.values())),
-        "total_stripes": int(sum(s.numel() for s in scores.values())),
+        "kept_stripes": int(sum(int(m.sum()) for m in masks.values())),
+        "total_stripes": int(sum(m.numel() for m in masks.values())),
     }
-    return masks_at_cut(scores, cut), report
+    return masks, report
 
 
 def _first_index_within(estimate, budget: float, lo: int, hi: int) -> int:

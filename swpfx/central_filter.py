@@ -7,7 +7,7 @@ others are removed, and the next layer's input weights of every removed channel
 are added onto its central channel's (``W_next[:, c] += W_next[:, p]``), so a
 removed map that equals its central map is compensated exactly.
 
-The selection math lives in pure functions (numpy / networkx in, lists and
+The selection math lives in pure functions (numpy / scipy in, lists and
 dicts out): :func:`removal_count`, :func:`similarity_threshold`,
 :func:`closeness`, :func:`select_central_filters`, :func:`select_smallest`.
 The graph work is done by the channel analysis (``swpfx.passes.analyze_channels``),
@@ -19,7 +19,7 @@ Differences from the reference implementation, on purpose:
   reference can assign it to another removed channel and lose the compensation);
 - the threshold search is exact (no ``eps`` steps): the number of removable
   channels only changes at similarity values, so the search runs over them;
-- closeness centrality is networkx's on the thresholded graph with distance
+- closeness centrality is networkx's definition on the thresholded graph with distance
   ``1 − similarity`` (the reference uses the local proxy ``deg / Σ(1024 − s)``);
 - which convs are prunable comes from the channel-dependency analysis, not
   from architecture names.
@@ -31,16 +31,19 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-import networkx as nx
 import numpy as np
 import torch
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components as scipy_components
+from scipy.sparse.csgraph import shortest_path
 from torch import fx, nn
 
 from swpfx.passes.measure_channel_similarity import measure_channel_similarity
+from swpfx.passes.modes import eval_mode
 from swpfx.tracing import normalize_example_inputs, trace
 
 META = "swpfx"
-# Distance floor for identical maps (similarity 1): a zero distance would make networkx report closeness 0.
+# Distance floor for identical maps (similarity 1): a zero distance would read as "no path" (closeness 0).
 MIN_DISTANCE = 1e-9
 
 
@@ -68,17 +71,6 @@ def connected_components(n: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarr
         >>> connected_components(4, np.array([0, 2]), np.array([1, 3])).tolist()
         [0, 0, 1, 1]
     """
-    try:
-        from scipy.sparse import coo_matrix
-        from scipy.sparse.csgraph import connected_components as scipy_components
-    except ImportError:  # pragma: no cover - scipy comes with the test/demo extras
-        graph = nx.Graph()
-        graph.add_nodes_from(range(n))
-        graph.add_edges_from(zip(rows.tolist(), cols.tolist()))
-        labels = np.empty(n, dtype=np.int64)
-        for label, comp in enumerate(sorted(nx.connected_components(graph), key=min)):
-            labels[list(comp)] = label
-        return labels
     adjacency = coo_matrix((np.ones(len(rows), dtype=np.int8), (rows, cols)), shape=(n, n))
     return scipy_components(adjacency, directed=False)[1]
 
@@ -156,9 +148,9 @@ def closeness(similarity, edges) -> np.ndarray:
     The value is networkx's ``closeness_centrality`` (Wasserman–Faust scaling for
     graphs that are not connected); isolated channels get 0. Distances are floored
     at ``MIN_DISTANCE`` so identical maps (similarity 1) count as very close rather
-    than as no path. Shortest paths come from scipy's C implementation when scipy
-    is installed (networkx's pure-Python Dijkstra takes minutes on the dense
-    graphs of 1000-channel layers), else from networkx.
+    than as no path. Shortest paths come from scipy's C implementation
+    (networkx's pure-Python Dijkstra takes minutes on the dense graphs of
+    1000-channel layers); the tests check the values against networkx.
 
     Example:
         >>> s = np.array([[1, .9, .8], [.9, 1, .1], [.8, .1, 1]])
@@ -173,11 +165,6 @@ def closeness(similarity, edges) -> np.ndarray:
         return np.zeros(n)
     i, j = edges[:, 0], edges[:, 1]
     distance = np.maximum(1.0 - s[i, j], MIN_DISTANCE)
-    try:
-        from scipy.sparse import coo_matrix
-        from scipy.sparse.csgraph import shortest_path
-    except ImportError:  # pragma: no cover - scipy comes with the test/demo extras
-        return _closeness_networkx(n, i, j, distance)
     graph = coo_matrix((np.concatenate([distance, distance]), (np.concatenate([i, j]), np.concatenate([j, i]))),
                        shape=(n, n)).tocsr()
     labels = connected_components(n, i, j)
@@ -190,14 +177,6 @@ def closeness(similarity, edges) -> np.ndarray:
         reach = len(idx) - 1
         result[idx] = np.where(total > 0, reach / np.where(total > 0, total, 1.0) * reach / (n - 1), 0.0)
     return result
-
-
-def _closeness_networkx(n: int, i, j, distance) -> np.ndarray:
-    graph = nx.Graph()
-    graph.add_nodes_from(range(n))
-    graph.add_weighted_edges_from(zip(i.tolist(), j.tolist(), distance.tolist()), weight="distance")
-    c = nx.closeness_centrality(graph, distance="distance")
-    return np.array([c[u] for u in range(n)], dtype=np.float64)
 
 
 @dataclass(frozen=True)
@@ -450,11 +429,8 @@ def prune_filters(model: nn.Module, rate, example_inputs, choose: Chooser, confi
         raise ValueError(f"swpfx.{who}: example_inputs is required (a tuple of positional input tensors)")
     cfg = FilterPruneConfig.coerce(config, who)
     gm = trace(model, cfg.leaf_modules)
-    gm.eval()  # the analyses run the model; in train mode BatchNorm would update its statistics
-    try:
+    with eval_mode(gm):  # the analyses run the model; in train mode BatchNorm would update its statistics
         _prune_traced(gm, example_inputs, rate, choose, cfg, compensate, who, before_choose)
-    finally:
-        gm.train(model.training)
     return gm
 
 

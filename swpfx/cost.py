@@ -9,26 +9,40 @@ which every FLOP counter reports as zero — is counted separately in
 ``.other_flops`` and in bytes read/written. See ``passes/count_costs.py`` for the
 per-op conventions.
 
+Two FLOP counts, for stripe-pruned models:
+
+* ``.flops``/``.macs`` — *executed*: what the graph runs. A conv kept dense with
+  zeroed stripes costs its full kernel; a lowered conv costs its helper convs.
+  This is what a runtime sees.
+* ``.effective_flops``/``.effective_macs`` — *effective*: only kept stripes of
+  kept filters over kept channels, the count the SWP paper reports. For a
+  lowered conv it is the count of the masked conv it replaced, once.
+
+They are equal for any model without stripe masks (dense, prepared, or pruned
+by whole filters only).
+
 Example:
     >>> import torch, torchvision, swpfx
     >>> report = swpfx.cost(torchvision.models.resnet18(), (torch.randn(1, 3, 224, 224),))
     >>> report.flops, report.params
     (3628146688, 11689512)
+    >>> report.effective_flops == report.flops  # no stripe masks: effective == executed
+    True
     >>> print(report.table(top=3))  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from tabulate import tabulate
 from torch import fx, nn
 
-from swpfx.passes.count_costs import NodeCost, count_costs
+from swpfx.passes.count_costs import NodeCost, count_costs, lowered_instance
+from swpfx.passes.modes import eval_mode
 from swpfx.tracing import normalize_example_inputs, trace
 
 COMPUTE_KINDS = ("call_module", "call_function", "call_method")
@@ -105,6 +119,16 @@ class CostReport:
         return self._sum("flops")
 
     @property
+    def effective_macs(self) -> int:
+        """MACs of kept stripes only (the SWP paper's count); equals ``macs`` without stripe masks."""
+        return self._sum("effective_macs")
+
+    @property
+    def effective_flops(self) -> int:
+        """FLOPs of kept stripes only, 2 per MAC: the paper's count, next to the executed ``flops``."""
+        return self._sum("effective_flops")
+
+    @property
     def other_flops(self) -> int:
         """Elementwise, normalisation, pooling, reduction FLOPs (per-pixel work FLOP counters omit)."""
         return self._sum("other_flops")
@@ -144,14 +168,19 @@ class CostReport:
 
     def totals(self) -> dict[str, int]:
         return {
-            "macs": self.macs, "flops": self.flops, "other_flops": self.other_flops,
+            "macs": self.macs, "flops": self.flops, "effective_macs": self.effective_macs,
+            "effective_flops": self.effective_flops, "other_flops": self.other_flops,
             "weight_op_flops": self.weight_op_flops, "params": self.params, "param_bytes": self.param_bytes,
             "buffers": self.buffers, "buffer_bytes": self.buffer_bytes, "bytes_read": self.bytes_read,
             "bytes_written": self.bytes_written, "peak_activation_bytes": self.peak_activation_bytes,
         }
 
     def to_dict(self) -> dict:
-        """JSON-serialisable: totals, peak, unknown ops and every row."""
+        """JSON-serialisable: totals, peak, unknown ops and every row.
+
+        ``totals["flops"]`` (and each row's ``flops``) is executed, ``effective_flops`` counts
+        kept stripes only; see the module docstring.
+        """
         return {
             "model": self.model_name,
             "input_shapes": [list(s) for s in self.input_shapes],
@@ -167,14 +196,17 @@ class CostReport:
         layers = self.per_layer
         if top is not None:
             layers = sorted(layers, key=lambda r: (r.flops, r.other_flops, r.bytes_written), reverse=True)[:top]
-        headers = ["node", "op", "output", "MACs", "FLOPs", "other FLOPs", "params", "act. bytes", "read", "written"]
+        headers = ["node", "op", "output", "MACs", "FLOPs", "eff. FLOPs", "other FLOPs", "params", "act. bytes", "read",
+                   "written"]
         body = [_layer_cells(r) for r in layers]
-        body.append(["TOTAL", "", "", human(self.macs), human(self.flops), human(self.other_flops),
-                     human(self.params), "", human_bytes(self.bytes_read), human_bytes(self.bytes_written)])
+        body.append(["TOTAL", "", "", human(self.macs), human(self.flops), human(self.effective_flops),
+                     human(self.other_flops), human(self.params), "", human_bytes(self.bytes_read),
+                     human_bytes(self.bytes_written)])
         text = tabulate(body, headers=headers, tablefmt=tablefmt, disable_numparse=True)
         footer = [
             f"{self.model_name} on inputs {', '.join(str(tuple(s)) for s in self.input_shapes)}".strip(),
-            f"FLOPs {human(self.flops)} (MACs {human(self.macs)}), other FLOPs {human(self.other_flops)}, "
+            f"FLOPs {human(self.flops)} executed (MACs {human(self.macs)}), {human(self.effective_flops)} effective "
+            f"(kept stripes only), other FLOPs {human(self.other_flops)}, "
             f"params {human(self.params)} ({human_bytes(self.param_bytes)}), buffers {human_bytes(self.buffer_bytes)}, "
             f"peak activations {human_bytes(self.peak_activation_bytes)} (at {self.peak_node})",
         ]
@@ -192,8 +224,9 @@ class CostReport:
 
 def _layer_cells(r: NodeCost) -> list[str]:
     shape = "×".join(map(str, r.shape)) if isinstance(r.shape, tuple) else ("tuple" if r.shape else "")
-    return [r.name, r.op + ("" if r.known else " (?)"), shape, human(r.macs), human(r.flops), human(r.other_flops),
-            human(r.params), human_bytes(r.activation_bytes), human_bytes(r.bytes_read), human_bytes(r.bytes_written)]
+    return [r.name, r.op + ("" if r.known else " (?)"), shape, human(r.macs), human(r.flops), human(r.effective_flops),
+            human(r.other_flops), human(r.params), human_bytes(r.activation_bytes), human_bytes(r.bytes_read),
+            human_bytes(r.bytes_written)]
 
 
 def _jsonable(d: dict) -> dict:
@@ -206,19 +239,6 @@ def _jsonable(d: dict) -> dict:
 
 
 # ---------------------------------------------------------------- public functions
-
-
-@contextlib.contextmanager
-def _eval_mode(*models: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode and restore each one's flag afterwards."""
-    flags = [(m, m.training) for model in models for m in model.modules()]
-    for model in models:
-        model.eval()
-    try:
-        yield
-    finally:
-        for m, training in flags:
-            m.training = training
 
 
 def _graph_module(model: nn.Module, leaf_modules) -> fx.GraphModule:
@@ -255,7 +275,7 @@ def cost(model: nn.Module, example_inputs, leaf_modules=()) -> CostReport:
     if inputs is None:
         raise ValueError("swpfx.cost: example_inputs are required (a tensor or a tuple of positional inputs)")
     gm = _graph_module(model, leaf_modules)
-    with _eval_mode(gm, model):
+    with eval_mode(gm, model):
         result = count_costs(gm, inputs)
     return CostReport(
         rows=result.rows,
@@ -267,8 +287,39 @@ def cost(model: nn.Module, example_inputs, leaf_modules=()) -> CostReport:
     )
 
 
+def conv_decisions(model: fx.GraphModule) -> dict[str, str]:
+    """How each pruned conv of a converted model runs: ``"dense"`` or its lowering form.
+
+    One entry per conv call, keyed by the conv node's name; the many nodes of a
+    lowered conv count once.
+
+    Example:
+        >>> import torch, swpfx
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.Conv2d(16, 16, 3, padding=1))
+        >>> x = torch.randn(1, 8, 12, 12)
+        >>> prepared = swpfx.prepare(model, (x,))
+        >>> with torch.no_grad():
+        ...     swpfx.skeletons(prepared)["0"][:, 0, :] = 0.0  # every filter of conv 0 loses its top row
+        >>> deployed = swpfx.convert(prepared, lowering="always", channel_multiple=1)
+        >>> sorted(conv_decisions(deployed).values())
+        ['boxes', 'dense']
+    """
+    decisions: dict[str, str] = {}
+    for node in model.graph.nodes:
+        meta = node.meta.get("swpfx")
+        if not isinstance(meta, dict):
+            continue
+        instance = lowered_instance(node)
+        if instance is not None:
+            decisions.setdefault(instance, meta.get("lowering", "lowered"))
+        elif meta.get("role") == "conv" and isinstance(meta.get("mask"), torch.Tensor):
+            decisions[node.name] = meta.get("lowering", "dense")
+    return decisions
+
+
 TOTAL_METRICS = (
-    ("MACs", "macs", human), ("FLOPs", "flops", human), ("other FLOPs", "other_flops", human),
+    ("MACs", "macs", human), ("FLOPs", "flops", human), ("effective MACs", "effective_macs", human),
+    ("effective FLOPs", "effective_flops", human), ("other FLOPs", "other_flops", human),
     ("params", "params", human), ("param bytes", "param_bytes", human_bytes),
     ("buffer bytes", "buffer_bytes", human_bytes), ("bytes read", "bytes_read", human_bytes),
     ("bytes written", "bytes_written", human_bytes), ("peak activations", "peak_activation_bytes", human_bytes),
@@ -279,8 +330,9 @@ def _groups(report: CostReport) -> dict[str, dict[str, int]]:
     """Per-layer sums keyed by ``NodeCost.group`` (conv name or module path), in graph order."""
     groups: dict[str, dict[str, int]] = {}
     for r in report.per_layer:
-        g = groups.setdefault(r.group, {"macs": 0, "other_flops": 0, "params": 0, "bytes": 0})
+        g = groups.setdefault(r.group, {"macs": 0, "effective_macs": 0, "other_flops": 0, "params": 0, "bytes": 0})
         g["macs"] += r.macs
+        g["effective_macs"] += r.effective_macs
         g["other_flops"] += r.other_flops
         g["params"] += r.params
         g["bytes"] += r.bytes_read + r.bytes_written
@@ -291,7 +343,8 @@ def compare(a: CostReport, b: CostReport, names: tuple[str, str] = ("dense", "pr
             tablefmt: str = "simple") -> str:
     """A side-by-side table of two reports: totals, then layers matched by conv/module name.
 
-    Ratios are ``a / b`` (how many times smaller ``b`` is). Lowering nodes that
+    Ratios are ``a / b`` (how many times smaller ``b`` is). "MACs" are executed,
+    "effective MACs" count kept stripes only (see the module docstring). Lowering nodes that
     ``convert`` tags with their conv (``node.meta["swpfx"]["conv"]``) are summed
     into that conv's row; other unmatched nodes appear on their own.
 
@@ -314,17 +367,18 @@ def compare(a: CostReport, b: CostReport, names: tuple[str, str] = ("dense", "pr
         return text
     ga, gb = _groups(a), _groups(b)
     keys = list(ga) + [k for k in gb if k not in ga]
-    empty = {"macs": 0, "other_flops": 0, "params": 0, "bytes": 0}
+    empty = {"macs": 0, "effective_macs": 0, "other_flops": 0, "params": 0, "bytes": 0}
     layer_rows = []
     for k in keys:
         ra, rb = ga.get(k, empty), gb.get(k, empty)
         if not any(ra.values()) and not any(rb.values()):
             continue
         layer_rows.append([
-            k, human(ra["macs"]), human(rb["macs"]), ratio(ra["macs"], rb["macs"]),
+            k, human(ra["macs"]), human(rb["macs"]), ratio(ra["macs"], rb["macs"]), human(ra["effective_macs"]),
+            human(rb["effective_macs"]), ratio(ra["effective_macs"], rb["effective_macs"]),
             human(ra["other_flops"]), human(rb["other_flops"]), human(ra["params"]), human(rb["params"]),
             human_bytes(ra["bytes"]), human_bytes(rb["bytes"]),
         ])
-    headers = ["layer", f"MACs {na}", f"MACs {nb}", "ratio", f"other {na}", f"other {nb}", f"params {na}",
-               f"params {nb}", f"traffic {na}", f"traffic {nb}"]
+    headers = ["layer", f"MACs {na}", f"MACs {nb}", "ratio", f"eff. MACs {na}", f"eff. MACs {nb}", "eff. ratio",
+               f"other {na}", f"other {nb}", f"params {na}", f"params {nb}", f"traffic {na}", f"traffic {nb}"]
     return text + "\n\n" + tabulate(layer_rows, headers=headers, tablefmt=tablefmt, disable_numparse=True)

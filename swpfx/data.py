@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from swpfx.passes.modes import eval_mode
+
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 
@@ -106,10 +108,45 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 3, lr:
 
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> float:
-    """Top-1 accuracy in eval mode (the model's training flag is restored)."""
-    was_training = model.training
-    model.eval()
-    correct = sum(int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
-                  for i in range(0, len(x), batch_size))
-    model.train(was_training)
+    """Top-1 accuracy in eval mode (every submodule's training flag is restored)."""
+    with eval_mode(model):
+        correct = sum(int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
+                      for i in range(0, len(x), batch_size))
     return correct / len(x)
+
+
+class _BasicBlock(nn.Module):
+    """conv-BN-ReLU-conv-BN plus a shortcut (1×1 conv-BN when the shape changes), then ReLU."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_ch != out_ch:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def residual_bn_cnn(num_classes: int = 10, widths: tuple[int, ...] = (16, 32, 64)) -> nn.Module:
+    """A small BatchNorm residual CNN for 1×28×28 inputs: a 3×3 stem, one basic block per width
+    (stride 2 from the second on), global average pooling and a Linear.
+
+    Example:
+        >>> residual_bn_cnn()(torch.randn(2, 1, 28, 28)).shape
+        torch.Size([2, 10])
+    """
+    stem = nn.Sequential(nn.Conv2d(1, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
+    blocks, in_ch = [], widths[0]
+    for i, out_ch in enumerate(widths):
+        blocks.append(_BasicBlock(in_ch, out_ch, 1 if i == 0 else 2))
+        in_ch = out_ch
+    return nn.Sequential(OrderedDict([
+        ("stem", stem), ("blocks", nn.Sequential(*blocks)),
+        ("pool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten()), ("classifier", nn.Linear(in_ch, num_classes)),
+    ]))

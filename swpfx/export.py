@@ -76,6 +76,8 @@ class ExportResult:
     verified: bool = False
     max_rel_error: float | None = None  # worst over outputs and checked batch sizes
     errors_by_batch: dict[int, float] = field(default_factory=dict)
+    dynamic_hw: bool = False
+    errors_by_size: dict[tuple[int, int], float] = field(default_factory=dict)  # (H, W) -> error, with dynamic_hw
 
     def __fspath__(self) -> str:
         return str(self.path)
@@ -84,8 +86,13 @@ class ExportResult:
 # ---------------------------------------------------------------- ONNX Runtime helpers
 
 
-def ort_session(path: str | os.PathLike, threads: int = 2):
-    """An ONNX Runtime CPU session with ``threads`` intra-op threads (one inter-op thread), all graph optimisations.
+def ort_session(path: str | os.PathLike | bytes, threads: int = 2):
+    """The library's one ONNX Runtime CPU session builder (export checks, runtime model, CLI, benchmarks).
+
+    ``path`` is an ONNX file or the model's bytes. ``threads`` intra-op threads,
+    one inter-op thread, sequential execution, all graph optimisations, and idle
+    worker threads do not spin (a spinning session would steal the cores from
+    the next one timed).
 
     Example:
         >>> sess = ort_session("/tmp/resnet18.onnx", threads=2)  # doctest: +SKIP
@@ -100,7 +107,9 @@ def ort_session(path: str | os.PathLike, threads: int = 2):
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # errors only
-    return ort.InferenceSession(os.fspath(path), sess_options=options, providers=["CPUExecutionProvider"])
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    model = path if isinstance(path, bytes) else os.fspath(path)
+    return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
 
 
 def _to_numpy(x) -> np.ndarray:
@@ -261,6 +270,71 @@ def batch_dynamic_shapes(inputs: tuple) -> tuple:
     return tuple({0: batch} if isinstance(x, torch.Tensor) and x.dim() else None for x in inputs)
 
 
+def hw_dynamic_shapes(inputs: tuple, dynamic_batch: bool) -> tuple:
+    """Dynamic dims 2 and 3 of every 4-D tensor input (and dim 0 with ``dynamic_batch``).
+
+    ``Dim.DYNAMIC``: torch.export infers the valid range (e.g. at least the kernel size)
+    instead of failing on a declared one, and raises if the graph fixes the size.
+    """
+    batch = torch.export.Dim("batch")
+    shapes = []
+    for x in inputs:
+        if not isinstance(x, torch.Tensor) or not x.dim():
+            shapes.append(None)
+            continue
+        dims = {0: batch} if dynamic_batch else {}
+        if x.dim() == 4:
+            dims.update({2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC})
+        shapes.append(dims or None)
+    return tuple(shapes)
+
+
+def resized_inputs(inputs: tuple, height: int, width: int, seed: int = 0) -> tuple:
+    """The inputs with every 4-D tensor replaced by a seeded random one of spatial size (height, width)."""
+    g = torch.Generator().manual_seed(seed)
+    return tuple(
+        torch.randn(*x.shape[:2], height, width, generator=g, dtype=x.dtype).to(x.device)
+        if isinstance(x, torch.Tensor) and x.dim() == 4 and x.is_floating_point() else x
+        for x in inputs
+    )
+
+
+def verification_sizes(inputs: tuple) -> list[tuple[int, int]]:
+    """The example's (H, W), an odd offset of it and about 1.5× it."""
+    image = next((x for x in inputs if isinstance(x, torch.Tensor) and x.dim() == 4), None)
+    if image is None:
+        return []
+    h, w = image.shape[2:]
+    return [(h, w), (h + 7, w + 5), (h * 3 // 2 + 1, w * 3 // 2 + 1)]
+
+
+def _verify_sizes(path, reference: nn.Module, inputs: tuple, rtol: float, threads: int = 2) -> dict:
+    session = ort_session(path, threads)
+    errors = {}
+    for h, w in verification_sizes(inputs):
+        resized = resized_inputs(inputs, h, w)
+        try:
+            torch_outputs(reference, resized)
+        except Exception as exc:  # the torch model itself only runs at the example's size
+            raise ExportError(f"swpfx.export_onnx: dynamic_hw=True, but the model does not run at {h}x{w} "
+                              f"({type(exc).__name__}: {exc}); export with dynamic_hw=False") from exc
+        errors[(h, w)] = check_outputs(session, reference, resized, rtol, f"{path} at {h}x{w}")
+    return errors
+
+
+def require_dynamic_hw(proto, inputs: tuple) -> None:
+    """torch.export may specialise height/width the graph pins (e.g. flatten -> Linear); say so."""
+    batched = [x for x in inputs if isinstance(x, torch.Tensor)]
+    for value, x in zip(proto.graph.input, batched):
+        dims = value.type.tensor_type.shape.dim
+        if x.dim() == 4 and len(dims) == 4 and not (dims[2].dim_param and dims[3].dim_param):
+            raise ExportError(
+                f"swpfx.export_onnx: dynamic_hw=True, but the model fixes the height/width of input "
+                f"'{value.name}' (an op in the graph depends on them, e.g. flatten -> Linear); export with "
+                "dynamic_hw=False"
+            )
+
+
 def require_dynamic_batch(proto, inputs: tuple) -> None:
     """torch.export specialises a batch dimension the graph pins (e.g. adding a (2, C) buffer); say so."""
     batched = [x for x in inputs if isinstance(x, torch.Tensor)]
@@ -275,7 +349,8 @@ def require_dynamic_batch(proto, inputs: tuple) -> None:
 
 
 def export_onnx(model: nn.Module, example_inputs, path, dynamic_batch: bool = True, verify: bool = True,
-                rtol: float = DEFAULT_RTOL, opset: int | None = None) -> ExportResult:
+                rtol: float = DEFAULT_RTOL, opset: int | None = None, quantize=None,
+                dynamic_hw: bool = False) -> ExportResult:
     """Export ``model`` (an eval-mode copy; the caller's model is untouched) to ONNX at ``path``.
 
     ``dynamic_batch`` makes dim 0 of every tensor input dynamic. With ``verify``,
@@ -283,6 +358,15 @@ def export_onnx(model: nn.Module, example_inputs, path, dynamic_batch: bool = Tr
     sample when the batch is dynamic) and compared with torch; a relative error
     above ``rtol`` raises :class:`ExportVerificationError`. Export failures raise
     :class:`ExportError`. Returns an :class:`ExportResult` (usable as a path).
+
+    ``dynamic_hw`` also makes dims 2 and 3 (height, width) of every 4-D input
+    dynamic; verification then also runs at two other sizes (``errors_by_size``).
+
+    ``quantize``: calibration batches (an iterable of input tensors, or of
+    tuples/lists starting with the inputs). The verified float file then goes to
+    ``<name>.fp32.onnx`` and ONNX Runtime's static int8 quantisation of it (QDQ,
+    per-channel weights) to ``path``, checked against the float model with int8
+    tolerances; returns a :class:`swpfx.quantize.QuantizedExportResult`.
 
     Example:
         >>> import torch, swpfx
@@ -305,6 +389,8 @@ def export_onnx(model: nn.Module, example_inputs, path, dynamic_batch: bool = Tr
         exported = copy.deepcopy(reference)
         fold_weight_expressions_(exported)
     dynamic_shapes = batch_dynamic_shapes(inputs) if dynamic_batch else None
+    if dynamic_hw:
+        dynamic_shapes = hw_dynamic_shapes(inputs, dynamic_batch)
     try:
         with _quiet():
             program = torch.onnx.export(exported, inputs, None, dynamo=True, dynamic_shapes=dynamic_shapes,
@@ -312,20 +398,30 @@ def export_onnx(model: nn.Module, example_inputs, path, dynamic_batch: bool = Tr
             program.save(path)
     except Exception as exc:
         hint = " (the graph may fix the batch size; try dynamic_batch=False)" if dynamic_batch else ""
+        hint += " (the graph may fix the height/width; try dynamic_hw=False)" if dynamic_hw else ""
         raise ExportError(f"swpfx.export_onnx: torch.onnx.export failed{hint}: {type(exc).__name__}: {exc}") from exc
     proto = program.model_proto
     if dynamic_batch:
         require_dynamic_batch(proto, inputs)
+    if dynamic_hw:
+        require_dynamic_hw(proto, inputs)
     result = ExportResult(
         path=path,
         opset=next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None),
         input_names=[i.name for i in proto.graph.input],
         output_names=[o.name for o in proto.graph.output],
         dynamic_batch=dynamic_batch,
+        dynamic_hw=dynamic_hw,
     )
     if verify:
         result.errors_by_batch = _verify(path, reference, inputs, rtol, dynamic_batch)
-        result.max_rel_error = max(result.errors_by_batch.values())
+        if dynamic_hw:
+            result.errors_by_size = _verify_sizes(path, reference, inputs, rtol)
+        result.max_rel_error = max([*result.errors_by_batch.values(), *result.errors_by_size.values()])
         result.verified = True
+    if quantize is not None:
+        from swpfx.quantize import quantize_export  # onnxruntime.quantization is loaded only when asked for
+
+        return quantize_export(result, reference, quantize, verify=verify)
     return result
 

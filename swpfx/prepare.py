@@ -12,6 +12,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from swpfx.passes.graph_utils import get_attr_path
 from swpfx.passes.insert_skeletons import SkippedConv, insert_skeletons
+from swpfx.passes.modes import eval_mode
 from swpfx.tracing import input_specs, normalize_example_inputs, trace
 
 META = "swpfx"
@@ -102,14 +103,8 @@ def explain_leaf_conv(skipped: SkippedConv, target: str | None, leaf_convs: dict
 
 def record_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
     """Run ``ShapeProp`` in eval mode so the example forward cannot update BatchNorm running stats."""
-    modes = {m: m.training for m in gm.modules()}
-    gm.eval()
-    try:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(*example_inputs)
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
+    with eval_mode(gm), torch.no_grad():
+        ShapeProp(gm).propagate(*example_inputs)
 
 
 def is_prepared(model: nn.Module) -> bool:

@@ -13,31 +13,43 @@ minute) and caches them as JSON (``~/.cache/swpfx/runtime_model.json``), which
 Example:
     >>> import torch
     >>> from torch import nn
-    >>> from swpfx.passes.lower_stripe_convs import ConvGeometry
+    >>> from swpfx.passes.stripe_geometry import ConvGeometry
     >>> model = default_runtime_model(cache="/nonexistent.json")   # the shipped table
     >>> geometry = ConvGeometry.of(nn.Conv2d(512, 512, 3, padding=1), (1, 512, 7, 7))
     >>> mask = torch.ones(512, 3, 3, dtype=torch.bool)
     >>> model.choose(geometry, mask, ("boxes", "onehot", "shift"))[0]   # nothing pruned: stay dense
     'dense'
 
-The timing helpers (:func:`onnx_bytes`, :func:`ort_session`,
-:func:`time_interleaved`) are shared with ``benchmarks/``.
+``swpfx.convert`` hands :meth:`RuntimeModel.choose_form` of the default model to
+the lowering pass (``lower_stripe_convs(gm, choose_form=...)``); the pass itself
+never imports swpfx. Sessions come from ``swpfx.export.ort_session`` and timings
+from ``swpfx.timing``; :func:`onnx_bytes`, :func:`stripe_conv_module` and
+:func:`lowered_copy` are shared with ``benchmarks/``.
+
+Fitting the coefficients (non-negative least squares on relative error):
+    >>> rows = [({"conv_macs": m, "ops": n}, 1e-11 * m + 5e-6 * n) for m, n in ((1e8, 1), (3e8, 4), (5e7, 9))]
+    >>> {k: round(c, 15) for k, c in fit_coefficients(rows).items() if c}
+    {'conv_macs': 1e-11, 'ops': 5e-06}
 """
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
-import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
-from torch import nn
+from scipy.optimize import nnls
+from torch import fx, nn
 
-from swpfx.passes.lower_stripe_convs import ConvGeometry, box_groups, stripe_count_buckets
+from swpfx.export import ort_session
+from swpfx.passes.lower_stripe_convs import lower_conv, mark_stripe_conv
+from swpfx.passes.stripe_geometry import ConvGeometry, box_groups, stripe_count_buckets, supported_forms
+from swpfx.timing import time_sessions
 
 
 def onnx_bytes(model: nn.Module, example_input: torch.Tensor, opset: int = 17) -> bytes:
@@ -46,46 +58,6 @@ def onnx_bytes(model: nn.Module, example_input: torch.Tensor, opset: int = 17) -
     torch.onnx.export(model, (example_input,), buffer, dynamo=False, opset_version=opset,
                       input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
     return buffer.getvalue()
-
-
-def ort_session(model_bytes: bytes, threads: int = 2):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # Idle worker threads spinning after a run would steal the cores from the next session timed.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
-
-
-def time_interleaved(sessions: dict, x, rounds: int = 100, warmup: int = 5, blocks: int = 3) -> dict[str, float]:
-    """Seconds per run of each ORT session: runs interleaved A/B/C… per round, median per block of
-    ``rounds`` rounds, minimum over ``blocks`` blocks (a burst of load from other processes spoils a
-    block, not the estimate).
-
-    ``x`` is the input of every session, or a dict {session name: input}; each
-    session's first input gets it.
-    """
-    feeds = {}
-    for name, s in sessions.items():
-        value = x[name] if isinstance(x, dict) else x
-        feeds[name] = {s.get_inputs()[0].name: value.numpy() if isinstance(value, torch.Tensor) else value}
-    for _ in range(warmup):
-        for name, s in sessions.items():
-            s.run(None, feeds[name])
-    best = {name: float("inf") for name in sessions}
-    for _ in range(blocks):
-        times = {name: [] for name in sessions}
-        for _ in range(rounds):
-            for name, s in sessions.items():
-                t0 = time.perf_counter()
-                s.run(None, feeds[name])
-                times[name].append(time.perf_counter() - t0)
-        for name, ts in times.items():
-            best[name] = min(best[name], statistics.median(ts))
-    return best
 
 
 # ---------------------------------------------------------------- the runtime model
@@ -254,6 +226,11 @@ class RuntimeModel:
             return "dense", {}, dense
         return form, dict(options), t
 
+    def choose_form(self, geometry: ConvGeometry, mask, forms, batch: int = 1,
+                    require_gain: bool = True) -> tuple[str, dict]:
+        """:meth:`choose` without the prediction: the ``choose_form`` that ``lower_stripe_convs`` takes."""
+        return self.choose(geometry, mask, forms, batch, require_gain)[:2]
+
     def save(self, path) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -290,10 +267,6 @@ CALIBRATION_SHAPES = [
 
 def stripe_conv_module(c_in: int, mask, k: int, stride: int, padding: int, hw: int, seed: int = 0):
     """An isolated conv (one fx.GraphModule node) matching the lowering pass's input contract, and its input."""
-    from torch import fx
-
-    from swpfx.passes.lower_stripe_convs import mark_stripe_conv
-
     torch.manual_seed(seed)
     conv = nn.Conv2d(c_in, mask.shape[0], k, stride=stride, padding=padding, bias=False)
     gm = fx.symbolic_trace(nn.Sequential(conv))
@@ -304,10 +277,6 @@ def stripe_conv_module(c_in: int, mask, k: int, stride: int, padding: int, hw: i
 
 def lowered_copy(gm, form: str, **options):
     """A deep copy of a one-conv module with its conv lowered to ``form``."""
-    import copy
-
-    from swpfx.passes.lower_stripe_convs import lower_conv
-
     gm = copy.deepcopy(gm)
     node = next(n for n in gm.graph.nodes if n.op == "call_module")
     lower_conv(gm, node, form, **options)
@@ -332,26 +301,16 @@ def measure_candidates(gm, x, candidates, rounds: int = 50) -> dict:
         if err > 1e-4:
             raise AssertionError(f"{key}: ORT output differs from torch (relative error {err:.2e})")
         sessions[key] = session
-    return time_interleaved(sessions, x, rounds=rounds)
+    return time_sessions(sessions, x, rounds=rounds, blocks=3)
 
 
 def fit_coefficients(rows: list[tuple[dict, float]]) -> dict:
     """Non-negative least squares on relative error: Σ_k c_k·work_k ≈ t for (work, t) rows."""
-    import numpy as np
-
     a = np.array([[row.get(k, 0) / t for k in WORK_KINDS] for row, t in rows], dtype=float)
     b = np.ones(len(rows))
     scale = a.max(axis=0)
     scale[scale == 0] = 1.0
-    a = a / scale
-    active = list(range(len(WORK_KINDS)))
-    while True:  # active-set NNLS: drop the most negative coefficient and refit
-        coef = np.zeros(len(WORK_KINDS))
-        sol, *_ = np.linalg.lstsq(a[:, active], b, rcond=None)
-        coef[active] = sol
-        if (sol >= 0).all() or not active:
-            break
-        active.pop(int(np.argmin(sol)))
+    coef, _ = nnls(a / scale, b)
     return {k: float(c / s) for k, c, s in zip(WORK_KINDS, coef, scale)}
 
 
@@ -364,7 +323,6 @@ def calibrate(cache=DEFAULT_CACHE, shapes=CALIBRATION_SHAPES, rounds: int = 40, 
 
     >>> model = calibrate(cache=None, shapes=[(64, 64, 3, 1, 1, 14)], rounds=3)  # doctest: +SKIP
     """
-    from swpfx.passes.lower_stripe_convs import supported_forms
     from swpfx.masks import random_stripe_mask, structured_stripe_mask
 
     torch.set_num_threads(2)

@@ -10,6 +10,8 @@ from collections.abc import Iterable
 import torch
 from torch import fx, nn
 
+from swpfx.passes.modes import eval_mode
+
 
 class TracingError(ValueError):
     """torch.fx could not trace the model (the message names the submodule and source line)."""
@@ -152,16 +154,12 @@ def conv_input_shapes(model: nn.Module, example_inputs: tuple | None) -> dict[st
         m.register_forward_pre_hook(lambda _m, a, n=n: seen[n].add(tuple(a[0].shape)) if a else None)
         for n, m in custom.items()
     ]
-    modes = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(*example_inputs)
     finally:
         for h in hooks:
             h.remove()
-        for m, mode in modes.items():
-            m.training = mode
     return {n: torch.Size(next(iter(s))) for n, s in seen.items() if len(s) == 1}
 
 

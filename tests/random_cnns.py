@@ -16,7 +16,10 @@ channels), layer scale with a constant shift, one conv applied twice (shared
 weights and skeleton), channel slicing and nearest upsampling; a pooled (module
 or ``mean``) Linear head or
 flatten -> Linear over the remaining spatial extent. Channel counts are random
-(1-16), so the group count is whichever divisor the counts allow.
+(1-16), so the group count is whichever divisor the counts allow;
+:func:`grouped_net_specs` draws nets whose convs alternate between dense and
+grouped ones with a fixed group count (1×1 -> grouped K×K blocks, ResNeXt style,
+plain and residual).
 
 Example:
     >>> from hypothesis import given, settings
@@ -355,6 +358,49 @@ def net_specs(draw, max_blocks: int = 4):
         blocks.append(block)
     head = "flatten" if c * size[0] * size[1] <= 1024 and draw(st.booleans()) else draw(st.sampled_from(("pool", "mean")))
     return NetSpec(in_channels, height, width, tuple(blocks), head, draw(st.integers(1, 5)))
+
+
+@st.composite
+def grouped_conv_specs(draw, in_channels, height, width, groups, out_channels=None, keep_size=False):
+    """A conv with exactly ``groups`` groups (``in_channels`` a multiple of it); returns (ConvSpec, (H', W'))."""
+    out_channels = out_channels or groups * draw(st.integers(1, max(1, MAX_CHANNELS // groups)))
+    for _ in range(8):
+        kernel = draw(st.sampled_from(((3, 3), (3, 3), (1, 1), (1, 3), (5, 5), (2, 2))))
+        dilation = draw(st.sampled_from((1, 1, 2)))
+        stride = 1 if keep_size else draw(st.sampled_from((1, 1, 2)))
+        padding = "same" if keep_size else draw(st.integers(0, 2))
+        mode = draw(st.sampled_from(PADDING_MODES)) if padding not in (0, "same") else "zeros"
+        spec = ConvSpec(in_channels, out_channels, kernel, stride, padding, dilation, groups, draw(st.booleans()), mode)
+        size = conv_output_size(spec, height, width)
+        if size is not None and min(size) >= 2 and (not keep_size or size == (height, width)):
+            return spec, size
+    spec = ConvSpec(in_channels, out_channels, (1, 1), 1, 0, 1, groups, True, "zeros")
+    return spec, (height, width)
+
+
+@st.composite
+def grouped_net_specs(draw, groups: int, max_blocks: int = 3):
+    """Stem 1×1 conv, then blocks of 1×1 (dense) -> grouped K×K [-> 1×1], plain or residual."""
+    height, width = draw(st.integers(8, 14)), draw(st.integers(8, 14))
+    in_channels = draw(st.integers(1, 3))
+    stem = ConvSpec(in_channels, groups * draw(st.integers(1, 2)), (1, 1), 1, 0, 1, 1, True, "zeros")
+    blocks = [ChainSpec((UnitSpec(stem, True, "relu"),))]
+    c, size = stem.out_channels, (height, width)
+    for _ in range(draw(st.integers(1, max_blocks))):
+        inner = groups * draw(st.integers(1, max(1, MAX_CHANNELS // groups)))
+        expand = UnitSpec(ConvSpec(c, inner, (1, 1), 1, 0, 1, 1, draw(st.booleans()), "zeros"),
+                          True, draw(st.sampled_from(ACTIVATIONS)))
+        residual = draw(st.booleans())
+        conv, new_size = draw(grouped_conv_specs(inner, *size, groups, keep_size=residual))
+        grouped = UnitSpec(conv, True, draw(st.sampled_from(ACTIVATIONS)))
+        out = c if residual else draw(st.sampled_from((conv.out_channels, groups * draw(st.integers(1, 2)))))
+        project = UnitSpec(ConvSpec(conv.out_channels, out, (1, 1), 1, 0, 1, 1, draw(st.booleans()), "zeros"),
+                           True, "none")
+        units = (expand, grouped, project)
+        blocks.append(ResidualSpec(units, None, draw(st.sampled_from(ACTIVATIONS))) if residual else ChainSpec(units))
+        c, size = out, new_size
+    return NetSpec(in_channels, height, width, tuple(blocks), draw(st.sampled_from(("pool", "mean"))),
+                   draw(st.integers(1, 4)))
 
 
 # ---------------------------------------------------------------- modules

@@ -105,3 +105,40 @@ def test_analysis_needs_shapes():
     gm = trace(nn.Sequential(nn.Conv2d(3, 4, 3)))
     with pytest.raises(Exception, match="analyze_channels"):
         analyze_channels(gm, (torch.randn(1, 5, 8, 8),))
+
+
+class Grouped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(8, 12, 3, padding=1, groups=4)
+        self.c = nn.Conv2d(12, 4, 1)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x))))).mean((2, 3))
+
+
+def test_grouped_conv_is_a_producer_with_group_constraints():
+    analysis = analysis_of(Grouped())
+    b = next(n for n in analysis.producers if n.name == "b")
+    grouped = analysis.grouped[b]
+    assert grouped.groups == 4 and grouped.inputs.width == 8 and grouped.outputs.width == 12
+    assert not analysis.blocked_classes() & set(analysis.classes_of(b).tolist())  # removable (in equal counts)
+    assert analysis.independent_convs() == []  # but not freely, one channel at a time
+    assert "c" not in analysis.independent_convs() and len(analysis.group_constrained_classes) == 20
+
+
+def test_ones_map_reads_only_the_shape():
+    class OnesMap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, padding=1)
+            self.b = nn.Conv2d(8, 4, 3, padding=1)
+            self.k = nn.Conv2d(1, 4, 3, padding=1, bias=False)
+
+        def forward(self, x):
+            y = torch.relu(self.a(x))
+            return (self.b(y) + self.k(torch.ones_like(y[:, :1]))).mean((2, 3))
+
+    analysis = analysis_of(OnesMap())
+    assert "a" in analysis.independent_convs()

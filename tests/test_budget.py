@@ -7,7 +7,8 @@ import torch
 import torchvision
 
 import swpfx
-from swpfx.budget import candidate_cuts, masks_at_cut, normalized_stripe_scores
+from swpfx.budget import masks_pruning, pruning_order
+from swpfx.importance import normalize_per_layer
 from swpfx.convert import convert
 from swpfx.cost import cost
 
@@ -58,18 +59,18 @@ def test_bad_granularity_is_rejected(prepared_and_input):
         convert(prepared_and_input[0], flops_target=0.5, granularity="channel")
 
 
-def test_scores_are_invariant_to_a_layers_scale():
+def test_layer_scores_are_invariant_to_a_layers_scale():
     skels = {"a": torch.rand(4, 3, 3), "b": torch.rand(8, 3, 3)}
     scaled = {"a": skels["a"] * 0.01, "b": skels["b"]}
     for name in skels:
-        assert torch.allclose(normalized_stripe_scores(skels)[name], normalized_stripe_scores(scaled)[name])
+        assert torch.allclose(normalize_per_layer(skels)[name], normalize_per_layer(scaled)[name])
 
 
-def test_cut_candidates_start_by_keeping_everything():
-    scores = normalized_stripe_scores({"a": torch.rand(4, 3, 3)})
-    cuts = candidate_cuts(scores)
-    assert bool(masks_at_cut(scores, float(cuts[0]))["a"].all())
-    assert not bool(masks_at_cut(scores, float(cuts[-1]))["a"].any())
+@pytest.mark.parametrize("granularity", ["stripe", "filter"])
+def test_pruning_order_starts_by_keeping_everything(prepared_and_input, granularity):
+    ranks, always, units = pruning_order(prepared_and_input[0], granularity)
+    assert all(bool(m.all()) for m in masks_pruning(ranks, always, 0).values())
+    assert not any(bool(m.any()) for m in masks_pruning(ranks, always, units).values())
 
 
 def test_unreachable_target_is_a_clear_error(prepared_and_input):

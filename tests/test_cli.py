@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import re
 import subprocess
 import sys
 import textwrap
@@ -63,9 +65,16 @@ def test_cost_torchvision_model(capsys):
 
 def test_bench_success(capsys, tmp_path):
     code, out, err = run(capsys, "bench", DEMO_NET, "--input", "1,28,28", "--batch", "4", "--protocol",
-                         "structured", "--repeats", "3", "--keep", str(tmp_path))
+                         "structured", "--repeats", "3", "--lowering", "always", "--keep", str(tmp_path))
     assert code == 0, err
-    assert "FLOP ratio" in out and "ORT speed-up" in out
+    assert "ORT speed-up" in out
+    executed, effective = (float(v) for v in re.search(r"FLOP ratio executed ([\d.]+)×.*effective ([\d.]+)×", out).groups())
+    assert effective > executed > 1  # structured masks: lowering saves less than the kept stripes do
+    assert len(re.findall(r"realised fraction [\d.]+", out)) == 2
+    # the demo net has 4 convs; a lowered conv's many nodes count once
+    decisions = ast.literal_eval(re.search(r"per-conv decisions: (\{.*?\})", out).group(1))
+    assert sum(decisions.values()) == 4 and "(4 convs)" in out
+    assert set(decisions) - {"dense"}  # lowering="always" lowered at least one
     assert (tmp_path / "dense.onnx").exists() and (tmp_path / "pruned.onnx").exists()
 
 
@@ -91,7 +100,8 @@ def test_usage_errors_exit_2_without_traceback(capsys, argv, needle):
     ["bench", "resnet18", "--lowering", "sometimes"],
     ["bench", "resnet18", "--threshold", "-1"],
     ["demo", "--epochs", "0"],
-    ["demo", "--flops-target", "1.5"],
+    ["demo", "--sparsity", "1.5"],
+    ["demo", "--sparsity", "1"],
     ["frobnicate"],
     [],
 ])

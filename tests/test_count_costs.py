@@ -15,9 +15,10 @@ from torch.utils.flop_counter import FlopCounterMode
 import swpfx
 from helpers import randomize_batchnorm_
 from swpfx.convert import convert
+from swpfx import synthetic
 from swpfx.synthetic import synthetic_skeletons_
 from swpfx.passes.count_costs import count_costs
-from swpfx.cost import CostReport, compare, cost, human
+from swpfx.cost import CostReport, compare, conv_decisions, cost, human, ratio
 from swpfx.tracing import trace
 
 FLOAT = 4  # bytes per float32 element
@@ -347,8 +348,11 @@ def test_converted_model_costs(protocol, lowering):
     assert report.flops == flop_counter_total(converted.eval(), (x,))
     assert report.params == sum(p.numel() for p in converted.parameters())
     assert report.macs < dense.macs and report.params < dense.params
-    if lowering == "never":  # dense convs with fewer channels: no data-movement ops added
-        assert not any(r.category == "memory" for r in report.per_layer)
+    if lowering == "never":  # dense convs with fewer channels: no data-movement ops added by lowering
+        roles = {n.name: n.meta.get("swpfx", {}).get("role") for n in converted.graph.nodes}
+        memory = [r for r in report.per_layer if r.category == "memory"]
+        # only remove_channels' ones_like for removed channels' constants (resolution-independent, issue 13 §1)
+        assert all(roles[r.name] == "dead_channel_constant" and r.op == "ones_like" for r in memory), memory
     text = compare(dense, report)
     assert "conv1" in text and "reduction" in text
 
@@ -381,3 +385,119 @@ def test_peak_memory_counts_only_the_visible_part_of_an_input_view():
     model = torch.nn.Conv2d(3, 4, 1)
     big = torch.randn(100, 3, 16, 16)
     assert cost(model, (big[:1],)).peak_activation_bytes == cost(model, (big[:1].clone(),)).peak_activation_bytes
+
+
+# ---------------------------------------------------------------- effective FLOPs (kept stripes only)
+
+
+def test_effective_equals_executed_without_stripe_masks():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    for report in (cost(model, (x,)), cost(swpfx.prepare(model, (x,)), (x,))):
+        assert report.effective_flops == report.flops > 0
+        assert report.effective_macs == report.macs
+        assert all(r.effective_macs == r.macs for r in report.rows)
+
+
+class StripeNet(nn.Sequential):
+    """Three 3×3 convs (one strided, one dilated) and a Linear; no grouping, so channel removal is by hand."""
+
+    def __init__(self):
+        super().__init__(
+            nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 24, 3, stride=2, padding=1), nn.BatchNorm2d(24), nn.ReLU(),
+            nn.Conv2d(24, 32, 3, padding=2, dilation=2), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+        )
+
+
+def random_masks(prepared, generator) -> dict[str, torch.Tensor]:
+    """About half the stripes kept, every kept filter with its centre, two dead filters per conv."""
+    masks = {}
+    for name, skel in swpfx.skeletons(prepared).items():
+        mask = torch.rand(skel.shape, generator=generator) < 0.5
+        mask[:, 1, 1] = True
+        mask[:2] = False
+        masks[name] = mask
+    return masks
+
+
+def hand_effective_macs(masks: dict, batch: int) -> int:
+    """N·Ho·Wo · kept input channels · kept stripes per conv, plus the Linear on the kept channels."""
+    kept = {name: int(m.flatten(1).any(1).sum()) for name, m in masks.items()}
+    stripes = {name: int(m.sum()) for name, m in masks.items()}
+    convs = [("0", 3, 16 * 16), ("3", kept["0"], 8 * 8), ("6", kept["3"], 8 * 8)]  # (name, in_channels, Ho·Wo)
+    return sum(batch * pixels * c_in * stripes[name] for name, c_in, pixels in convs) + batch * kept["6"] * 10
+
+
+@pytest.mark.parametrize("lowering", ["never", "always"])
+def test_effective_flops_count_kept_stripes_by_hand(lowering):
+    torch.manual_seed(0)
+    model = randomize_batchnorm_(StripeNet(), torch.Generator().manual_seed(0)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    prepared = swpfx.prepare(model, (x,))
+    masks = random_masks(prepared, torch.Generator().manual_seed(3))
+    synthetic.skeletons_from_masks_(prepared, masks, threshold=0.05, generator=torch.Generator().manual_seed(4))
+    deployed = convert(prepared, threshold=0.05, lowering=lowering, channel_multiple=1)
+    report = cost(deployed, (x,))
+    assert report.effective_macs == hand_effective_macs(masks, batch=2)
+    assert report.effective_flops == 2 * report.effective_macs
+    assert report.effective_macs < report.macs  # zeroed stripes (never) or one-hot/box helpers (always) run
+    decisions = conv_decisions(deployed)
+    assert len(decisions) == 3
+    if lowering == "always":
+        assert "dense" not in decisions.values()
+        lowered_rows = [r for r in report.per_layer if r.group in ("0", "3", "6")]
+        assert sum(r.effective_macs > 0 for r in lowered_rows) == 3  # counted once per conv, helpers 0
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["totals"]["effective_flops"] == report.effective_flops
+    assert data["totals"]["flops"] == report.flops
+    assert sum(r["effective_macs"] for r in data["rows"]) == report.effective_macs
+
+
+@pytest.mark.parametrize("form, groups", [("boxes", 1), ("boxes", 4), ("onehot", 1), ("shift", 1)])
+def test_every_lowering_form_keeps_the_masked_convs_effective_count(form, groups):
+    from swpfx.passes.lower_stripe_convs import lower_conv, mark_stripe_conv
+
+    conv = nn.Conv2d(8, 12, 3, stride=2, padding=2, dilation=2, groups=groups)
+    gm = fx.symbolic_trace(nn.Sequential(conv, nn.ReLU()))
+    mask = torch.rand(12, 3, 3, generator=torch.Generator().manual_seed(5)) < 0.4
+    mask[:, 1, 1] = True
+    x = torch.randn(3, 8, 13, 11)
+    mark_stripe_conv(gm, "0", mask, example_input=x)
+    out = gm(x)
+    expected = out.numel() // 12 * (8 // groups) * int(mask.sum())
+    dense = cost(gm, (x,))
+    assert dense.effective_macs == expected < dense.macs == out.numel() * (8 // groups) * 9
+    node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "0")
+    conv_node_name = node.name
+    lower_conv(gm, node, form, min_group=1)
+    gm.graph.lint()
+    gm.recompile()
+    lowered = cost(gm, (x,))
+    parts = [r for r in lowered.per_layer if r.group == "0"]
+    assert len(parts) > 1 and sum(r.effective_macs > 0 for r in parts) == 1
+    assert lowered.effective_macs == expected
+    assert conv_decisions(gm) == {conv_node_name: form}  # keyed by the conv node's name
+
+
+def test_table_and_compare_show_both_flop_counts():
+    torch.manual_seed(0)
+    model = StripeNet().eval()
+    x = torch.randn(1, 3, 16, 16)
+    prepared = swpfx.prepare(model, (x,))
+    synthetic.skeletons_from_masks_(prepared, random_masks(prepared, torch.Generator().manual_seed(3)), 0.05,
+                                    torch.Generator().manual_seed(4))
+    dense, pruned = cost(model, (x,)), cost(convert(prepared, lowering="never", channel_multiple=1), (x,))
+    table = pruned.table()
+    assert "eff. FLOPs" in table.splitlines()[0]
+    total = next(line for line in table.splitlines() if line.startswith("TOTAL"))
+    assert human(pruned.flops) in total and human(pruned.effective_flops) in total
+    side = compare(dense, pruned).splitlines()
+    eff_line = next(line for line in side if line.startswith("effective FLOPs"))
+    assert ratio(dense.effective_flops, pruned.effective_flops) in eff_line
+    flops_line = next(line for line in side if line.startswith("FLOPs"))
+    assert ratio(dense.flops, pruned.flops) in flops_line
+    assert ratio(dense.flops, pruned.flops) != ratio(dense.effective_flops, pruned.effective_flops)
+    assert "eff. ratio" in "\n".join(side)

@@ -163,10 +163,10 @@ def test_auto_follows_the_runtime_model(generator):
     centre_only[:, 1, 1] = True
     gm = stripe_conv_graph(conv, centre_only, x)
     never_pays = RuntimeModel(margin=0.0)
-    lower_stripe_convs(gm, lowering="auto", runtime_model=never_pays)
+    lower_stripe_convs(gm, lowering="auto", choose_form=never_pays.choose_form)
     assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["0"]
     expected = gm(x)
-    lower_stripe_convs(gm, lowering="auto", runtime_model=RuntimeModel())
+    lower_stripe_convs(gm, lowering="auto", choose_form=RuntimeModel().choose_form)
     targets = [n.target for n in gm.graph.nodes if n.op == "call_module"]
     assert targets == ["0_boxes.box1x1_at11"]  # a centre-only conv is a 1×1 conv
     assert gm.get_submodule(targets[0]).kernel_size == (1, 1)
@@ -259,6 +259,56 @@ def test_runtime_model_fit_recovers_coefficients_and_round_trips(tmp_path):
     loaded = default_runtime_model(tmp_path / "rm.json")
     assert loaded.coefficients == pytest.approx(fitted) and loaded.margin == 0.8
     assert default_runtime_model(tmp_path / "missing.json").source == "shipped default"
+
+
+def test_runtime_model_fit_is_the_nonnegative_least_squares_optimum():
+    """Noisy rows where dropping the most negative coefficient for good (the old loop) misses the optimum."""
+    import itertools
+
+    import numpy as np
+
+    from swpfx.runtime_model import WORK_KINDS
+
+    rng = np.random.default_rng(13)
+    scales = np.array([1e8, 1e6, 100, 1e6, 5])
+    rows = [({k: float(v) for k, v in zip(WORK_KINDS, rng.integers(1, 10, 5) * scales)}, float(rng.uniform(1e-3, 5e-3)))
+            for _ in range(6)]
+    a = np.array([[work[k] / t for k in WORK_KINDS] for work, t in rows])
+
+    def residual(coef):
+        return float(((a @ coef - 1) ** 2).sum())
+
+    best = float("inf")  # brute force: the best non-negative least-squares fit on every subset of kinds
+    for n in range(1, len(WORK_KINDS) + 1):
+        for subset in itertools.combinations(range(len(WORK_KINDS)), n):
+            sol, *_ = np.linalg.lstsq(a[:, subset], np.ones(len(rows)), rcond=None)
+            if (sol >= 0).all():
+                coef = np.zeros(len(WORK_KINDS))
+                coef[list(subset)] = sol
+                best = min(best, residual(coef))
+    fitted = fit_coefficients(rows)
+    coef = np.array([fitted[k] for k in WORK_KINDS])
+    assert (coef >= 0).all()
+    assert residual(coef) <= best * (1 + 1e-9)
+
+
+def test_default_chooser_needs_no_runtime_model(generator):
+    from swpfx.passes.lower_stripe_convs import choose_by_macs
+
+    geometry = ConvGeometry.of(nn.Conv2d(8, 16, 3, padding=1), (1, 8, 10, 10))
+    centre = torch.zeros(16, 3, 3, dtype=torch.bool)
+    centre[:, 1, 1] = True
+    full = torch.ones(16, 3, 3, dtype=torch.bool)
+    assert choose_by_macs(geometry, centre, FORMS, 1, True) == ("boxes", {"min_group": 8})
+    assert choose_by_macs(geometry, full, FORMS, 1, True) == ("dense", {})
+    assert choose_by_macs(geometry, full, FORMS, 1, False) == ("boxes", {"min_group": 8})
+    conv = conv_with_options((3, 3), 1, 1, 1, 1, False, torch.float32, generator, c_in=8, c_out=16)
+    x = torch.randn(1, 8, 10, 10, generator=generator)
+    gm = stripe_conv_graph(conv, centre, x)
+    expected = gm(x)
+    lower_stripe_convs(gm, lowering="auto")  # the pass's own MAC rule
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["0_boxes.box1x1_at11"]
+    assert relative_error(gm(x), expected) <= 1e-4
 
 
 def test_candidate_work_counts_fewer_macs_for_smaller_boxes():

@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 ROOT = Path(__file__).resolve().parents[1]
-PUBLIC = ("prepare", "param_groups", "skeleton_penalty", "convert", "cost", "compare", "export_onnx")
+PUBLIC = ("prepare", "param_groups", "regularize_skeletons_", "sparsity", "convert", "cost", "compare", "export_onnx")
 
 
 def readme_example() -> str:

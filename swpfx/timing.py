@@ -1,0 +1,71 @@
+"""The one interleaved timing loop (runtime-model calibration, ``swpfx bench``, the demo, ``benchmarks/``).
+
+Every round runs each candidate once, in alternating order (A B C, C B A, …), so
+a burst of load from other processes hits all candidates alike; the estimate is
+the median per block of ``rounds`` rounds and the minimum over ``blocks`` blocks
+(a disturbed block spoils that block, not the estimate).
+
+Example:
+    >>> import time
+    >>> t = interleaved_medians({"short": lambda: time.sleep(0.001), "long": lambda: time.sleep(0.004)},
+    ...                         rounds=5, warmup=1)
+    >>> sorted(t), t["short"] < t["long"]
+    (['long', 'short'], True)
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from swpfx.export import ort_session
+
+
+def interleaved_medians(callables: dict[str, Callable[[], object]], rounds: int = 100, warmup: int = 5,
+                        blocks: int = 1) -> dict[str, float]:
+    """Seconds per call of each callable: interleaved rounds, median per block, minimum over blocks."""
+    names = list(callables)
+    for _ in range(warmup):
+        for name in names:
+            callables[name]()
+    best = {name: float("inf") for name in names}
+    for _ in range(blocks):
+        times: dict[str, list[float]] = {name: [] for name in names}
+        for r in range(rounds):
+            for name in (names if r % 2 == 0 else names[::-1]):
+                t0 = time.perf_counter()
+                callables[name]()
+                times[name].append(time.perf_counter() - t0)
+        for name, ts in times.items():
+            best[name] = min(best[name], statistics.median(ts))
+    return best
+
+
+def session_runner(session, x) -> Callable[[], object]:
+    """A no-argument call running the ORT ``session`` on ``x`` (fed to its first input)."""
+    feed = {session.get_inputs()[0].name: x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x}
+    return lambda: session.run(None, feed)
+
+
+def time_sessions(sessions: dict, x, rounds: int = 100, warmup: int = 5, blocks: int = 1) -> dict[str, float]:
+    """Seconds per run of each ORT session, timed by :func:`interleaved_medians`.
+
+    ``x`` is every session's input, or a dict {session name: input}.
+    """
+    runners = {name: session_runner(s, x[name] if isinstance(x, dict) else x) for name, s in sessions.items()}
+    return interleaved_medians(runners, rounds=rounds, warmup=warmup, blocks=blocks)
+
+
+def ort_latency_ms(paths: dict, x: torch.Tensor, rounds: int = 100, warmup: int = 10,
+                   threads: int = 2) -> dict[str, float]:
+    """Median milliseconds per run of each ONNX file (``swpfx.export.ort_session``) on ``x``, interleaved.
+
+    Example:
+        >>> ort_latency_ms({"a": "dense.onnx", "b": "pruned.onnx"}, torch.randn(64, 1, 28, 28))  # doctest: +SKIP
+        {'a': 1.9, 'b': 0.8}
+    """
+    sessions = {name: ort_session(path, threads) for name, path in paths.items()}
+    return {name: 1e3 * t for name, t in time_sessions(sessions, x, rounds=rounds, warmup=warmup).items()}
