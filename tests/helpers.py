@@ -131,3 +131,16 @@ def state_fingerprint(model: nn.Module) -> dict[str, tuple]:
         data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
         out[key] = (tensor.dtype, tuple(tensor.shape), hashlib.blake2b(data, digest_size=16).hexdigest())
     return out
+
+
+def masked_reference(prepared, threshold: float = 0.05):
+    """A copy of ``prepared`` (eval mode) with every stripe ``convert(threshold)`` prunes set to zero: what it must equal."""
+    import copy
+
+    import swpfx
+
+    ref = copy.deepcopy(prepared).eval()
+    with torch.no_grad():
+        for s in swpfx.skeletons(ref).values():
+            s.masked_fill_(s.abs() <= threshold, 0.0)
+    return ref

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
 from torch import fx, nn
 
 import swpfx
-from helpers import randomize_batchnorm_, relative_error
+from helpers import masked_reference, randomize_batchnorm_, relative_error
 from swpfx.convert import convert
 
 THRESHOLD = 0.05
@@ -54,14 +53,6 @@ def small_net():
 
 
 X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-
-
-def masked_reference(prepared):
-    ref = copy.deepcopy(prepared).eval()
-    with torch.no_grad():
-        for s in swpfx.skeletons(ref).values():
-            s.masked_fill_(s.abs() <= THRESHOLD, 0.0)
-    return ref
 
 
 # ---------------------------------------------------------------- tracing

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from torch import nn
 
 import swpfx
-from helpers import randomize_batchnorm_, relative_error
+from helpers import masked_reference, randomize_batchnorm_, relative_error
 from random_cnns import build, example_input, grouped_net_specs
 from swpfx.convert import convert
 from swpfx.masks import random_stripe_mask
@@ -23,14 +23,6 @@ from swpfx.tracing import trace
 
 THRESHOLD = 0.05
 TOL = 1e-4
-
-
-def masked_reference(prepared):
-    ref = copy.deepcopy(prepared).eval()
-    with torch.no_grad():
-        for s in swpfx.skeletons(ref).values():
-            s.masked_fill_(s.abs() <= THRESHOLD, 0.0)
-    return ref
 
 
 def check_exact(prepared, deployed, sizes, channels=3, tol=TOL):

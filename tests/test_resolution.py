@@ -15,7 +15,7 @@ import torchvision
 from torch import nn
 
 import swpfx
-from helpers import flat_outputs, randomize_batchnorm_, relative_error
+from helpers import flat_outputs, masked_reference, randomize_batchnorm_, relative_error
 from swpfx.convert import convert
 from swpfx.export import run_onnx
 from swpfx.masks import random_stripe_mask
@@ -25,14 +25,6 @@ from swpfx.synthetic import skeletons_from_masks_
 
 THRESHOLD = 0.05
 TOL = 1e-4
-
-
-def masked_reference(prepared):
-    ref = copy.deepcopy(prepared).eval()
-    with torch.no_grad():
-        for s in swpfx.skeletons(ref).values():
-            s.masked_fill_(s.abs() <= THRESHOLD, 0.0)
-    return ref
 
 
 def prepared_with_dead_filters(model, x, dead=0.2, seed=0):
