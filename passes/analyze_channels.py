@@ -21,6 +21,13 @@ together, but it needs the same number of channels in every group: its input
 and output channels are recorded in ``grouped`` so that ``remove_channels`` can
 plan equal counts per group (or whole groups).
 
+How each op relates channels is its rule in :mod:`.channel_rules` (the registry
+``remove_channels`` reads to slice the op); ops without a rule pin their inputs.
+A module with parameters or buffers called more than once (a block applied to
+two branches) holds one set of per-channel tensors: its input channels at every
+call are one set of classes, and so are its output channels, so a channel goes
+at every call or at none and the module is sliced once.
+
 This is an analysis only; ``remove_channels`` does the surgery.
 """
 
@@ -33,106 +40,34 @@ from functools import cached_property
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import fx, nn
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from torch import fx
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+from torch.fx.passes.shape_prop import ShapeProp
 
-from .graph_utils import pass_error
+from .channel_rules import GroupedConv, NodeChannels, rule_for
+from .graph_utils import pass_error, tensor_shape
+
+__all__ = ["ChannelAnalysis", "ChannelGraph", "GroupedConv", "NodeChannels", "analyze_channels", "propagate_shapes"]
 
 PASS = "analyze_channels"
 
-CHANNELWISE_MODULES = (
-    nn.BatchNorm2d, nn.BatchNorm1d, nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.Sigmoid,
-    nn.Tanh, nn.GELU, nn.ELU, nn.LeakyReLU, nn.Mish, nn.Hardtanh, nn.Softplus, nn.Identity, nn.Dropout,
-    nn.Dropout2d, nn.AlphaDropout, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
-    nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ZeroPad2d, nn.ConstantPad2d,
-    nn.ReflectionPad2d, nn.ReplicationPad2d, nn.CircularPad2d, nn.PReLU,
-)
-CHANNELWISE_FUNCTIONS = {
-    F.relu, torch.relu, F.relu6, F.hardswish, F.hardsigmoid, F.silu, torch.sigmoid, F.sigmoid, torch.tanh,
-    F.tanh, F.gelu, F.elu, F.leaky_relu, F.hardtanh, F.mish, F.softplus, F.dropout, F.dropout2d, F.max_pool2d,
-    F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.interpolate, F.pad, F.batch_norm,
-    torch.clamp, torch.nn.functional.relu_, torch.relu_,
-}
-CHANNELWISE_METHODS = {
-    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "contiguous", "clone", "clamp", "clamp_",
-    "detach", "float", "to", "type_as",
-}
-BINARY_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub,
-                    operator.imul, torch.add, torch.sub, torch.mul, torch.div}
-BINARY_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"}
-REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
-CONCAT_FUNCTIONS = {torch.cat, torch.concat}
 # Read only the shape of their input (e.g. the ones map of a removed channel's constant).
 SHAPE_ONLY_FUNCTIONS = {torch.ones_like, torch.zeros_like, torch.empty_like, torch.full_like}
-FLATTEN_FUNCTIONS = {torch.flatten}
-
-try:  # torchvision's StochasticDepth is an fx.wrap'ped function; identity at inference
-    from torchvision.ops import stochastic_depth as _stochastic_depth
-
-    CHANNELWISE_FUNCTIONS.add(_stochastic_depth)
-except ImportError:  # pragma: no cover
-    pass
 
 
-def _shape(node) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-    return tuple(meta.shape) if isinstance(meta, TensorMetadata) else None
-
-
-class _UnionFind:
-    """Union-find over integer ids with path halving; grows on demand."""
-
-    def __init__(self) -> None:
-        self.parent: list[int] = []
-
-    def add(self, n: int) -> int:
-        start = len(self.parent)
-        self.parent.extend(range(start, start + n))
-        return start
-
-    def find(self, a: int) -> int:
-        parent = self.parent
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
-
-    def roots(self) -> np.ndarray:
-        return np.fromiter((self.find(i) for i in range(len(self.parent))), dtype=np.int64, count=len(self.parent))
-
-
-@dataclass
-class NodeChannels:
-    """Where a node's channels live: ``first`` element id, ``width`` channels, ``expansion``
-    columns per channel (H·W after a flatten feeding a Linear, else 1)."""
-
-    first: int
-    width: int
-    expansion: int = 1
-
-    def elements(self) -> range:
-        return range(self.first, self.first + self.width)
-
-
-@dataclass
-class GroupedConv:
-    """A grouped (non-depthwise) conv: ``groups`` equal groups over its input and output channels."""
-
-    groups: int
-    inputs: NodeChannels
-    outputs: NodeChannels
+def components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per id in ``range(n)``: the smallest id connected to it by the pairs ``(a[k], b[k])``."""
+    edges = coo_matrix((np.ones(len(a), dtype=np.int32), (a, b)), shape=(n, n))
+    _, labels = connected_components(edges, directed=False)
+    _, first = np.unique(labels, return_index=True)  # a component's first id is its smallest
+    return first[labels]
 
 
 @dataclass
 class ChannelAnalysis:
-    """Result of :func:`analyze_channels`."""
+    """Result of :func:`analyze_channels`: an analysis, so it never modifies ``gm`` (see :class:`PassResult`)."""
 
     gm: fx.GraphModule
     channels: dict[fx.Node, NodeChannels]
@@ -142,6 +77,12 @@ class ChannelAnalysis:
     pinned: np.ndarray  # per element: must not be removed
     reasons: dict[int, str] = field(default_factory=dict)  # class -> why pinned/opaque (first seen)
     grouped: dict[fx.Node, GroupedConv] = field(default_factory=dict)
+
+    modified = False
+
+    @property
+    def graph_module(self) -> fx.GraphModule:
+        return self.gm
 
     def classes_of(self, node: fx.Node) -> np.ndarray:
         info = self.channels[node]
@@ -193,17 +134,14 @@ class ChannelAnalysis:
     def coupled_groups(self) -> list[list[str]]:
         """Groups (≥ 2) of conv nodes whose output channels share freely removable classes."""
         blocked = self.blocked_classes() | self.group_constrained_classes
-        uf, index = _UnionFind(), {}
-        for node in self.producers:
-            index[node] = uf.add(1)
-        for cls, elems in self.producer_elements_by_class().items():
-            if cls in blocked:
-                continue
-            for (a, _), (b, _) in zip(elems, elems[1:]):
-                uf.union(index[a], index[b])
+        index = {node: i for i, node in enumerate(self.producers)}
+        pairs = [(index[a], index[b]) for cls, elems in self.producer_elements_by_class().items() if cls not in blocked
+                 for (a, _), (b, _) in zip(elems, elems[1:])]
+        a, b = (np.array(side, dtype=np.int64) for side in zip(*pairs)) if pairs else (np.zeros(0, np.int64),) * 2
+        roots = components(len(index), a, b)
         groups: dict[int, list[str]] = defaultdict(list)
         for node, i in index.items():
-            groups[uf.find(i)].append(node.name)
+            groups[int(roots[i])].append(node.name)
         independent = set(self.independent_convs())
         return [g for g in groups.values() if len(g) > 1 or (g[0] not in independent and self._removable_alone(g[0], blocked))]
 
@@ -212,33 +150,47 @@ class ChannelAnalysis:
         return any(cls not in blocked for cls in self.classes_of(node).tolist())
 
 
-class _Builder:
-    """Walks the graph once, assigning elements and recording relations."""
+class ChannelGraph:
+    """Walks the graph once, assigning channel elements and recording how each op relates them.
+
+    The op-specific part is the op's rule (:mod:`.channel_rules`); this class holds the
+    bookkeeping the rules call and what holds for every op (graph inputs and output,
+    shape queries, tensors without a channel dimension, modules called more than once).
+    """
 
     def __init__(self, gm: fx.GraphModule):
         self.gm = gm
-        self.uf = _UnionFind()
+        self.size = 0  # element ids handed out
+        self.pairs: list[tuple[np.ndarray, np.ndarray]] = []  # elements that are the same channel
         self.channels: dict[fx.Node, NodeChannels] = {}
         self.producers: dict[fx.Node, NodeChannels] = {}
         self.opaque_elements: list[tuple[range, str]] = []
         self.pinned_elements: list[tuple[range, str]] = []
         self.grouped: dict[fx.Node, GroupedConv] = {}
-        self.module_calls = defaultdict(int)
+        self.calls: dict[str, list[fx.Node]] = defaultdict(list)
         for node in gm.graph.nodes:
             if node.op == "call_module":
-                self.module_calls[node.target] += 1
+                self.calls[node.target].append(node)
 
     # -- element bookkeeping
     def new(self, node: fx.Node, width: int, expansion: int = 1) -> NodeChannels:
-        info = NodeChannels(self.uf.add(width), width, expansion)
+        info = NodeChannels(self.size, width, expansion)
+        self.size += width
         self.channels[node] = info
         return info
 
     def same_as(self, node: fx.Node, src: fx.Node) -> None:
         self.channels[node] = self.channels[src]
 
+    def union(self, a, b) -> None:
+        """Element ``a[k]`` and ``b[k]`` are one channel, for every k (ranges or integer arrays)."""
+        a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
+        if len(a) != len(b):
+            raise ValueError(f"swpfx.{PASS}: union of {len(a)} with {len(b)} elements")
+        self.pairs.append((a, b))
+
     def opaque(self, node: fx.Node, reason: str) -> None:
-        shape = _shape(node)
+        shape = tensor_shape(node)
         if shape is not None and len(shape) >= 2:
             info = self.new(node, shape[1])
             self.opaque_elements.append((info.elements(), reason))
@@ -252,12 +204,12 @@ class _Builder:
         self.pin_inputs(node, reason)
         self.opaque(node, reason)
 
-    # -- per-op rules
+    # -- what holds for every op; the rest is the op's rule
     def visit(self, node: fx.Node) -> None:
         if node.op == "output":
             self.pin_inputs(node, "the graph output")
             return
-        shape = _shape(node)
+        shape = tensor_shape(node)
         if shape is None and self.is_shape_query(node):
             return  # x.size(0), x.shape: the answer follows the pruned shapes
         if shape is None:
@@ -274,34 +226,11 @@ class _Builder:
             self.pin_inputs(node, "an op producing a tensor without a channel dimension")
             return
         module = self.gm.get_submodule(node.target) if node.op == "call_module" else None
-        if module is not None and self.module_calls[node.target] > 1 and any(True for _ in module.parameters()):
-            self.unknown(node, "a module with parameters called more than once")
-        elif isinstance(module, nn.Conv2d):
-            self.conv(node, module)
-        elif isinstance(module, nn.Linear):
-            self.linear(node)
-        elif isinstance(module, nn.Flatten):
-            self.flatten(node, module.start_dim, module.end_dim)
-        elif self.is_channelwise(node, module):
-            self.channelwise(node)
-        elif self.is_binary(node):
-            self.binary(node)
-        elif node.op == "call_function" and node.target in CONCAT_FUNCTIONS:
-            self.concat(node)
-        elif node.op == "call_function" and node.target in FLATTEN_FUNCTIONS:
-            args = list(node.args) + [None, None]
-            self.flatten(node, node.kwargs.get("start_dim", args[1] if args[1] is not None else 0),
-                         node.kwargs.get("end_dim", args[2] if args[2] is not None else -1))
-        elif node.op == "call_method" and node.target == "flatten":
-            args = list(node.args) + [None, None]
-            self.flatten(node, node.kwargs.get("start_dim", args[1] if args[1] is not None else 0),
-                         node.kwargs.get("end_dim", args[2] if args[2] is not None else -1))
-        elif node.op == "call_method" and node.target in ("view", "reshape") and self.is_batch_flatten(node):
-            self.flatten(node, 1, -1)
-        elif self.is_spatial_reduction(node):
-            self.channelwise(node)
-        else:
+        rule = rule_for(node, module)
+        if rule is None:
             self.unknown(node)
+        else:
+            rule.relate(self, node, module)
 
     @staticmethod
     def is_shape_query(node: fx.Node) -> bool:
@@ -310,7 +239,7 @@ class _Builder:
         if node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",):
             return True
         return node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node) \
-            and _Builder.is_shape_query(node.args[0])
+            and ChannelGraph.is_shape_query(node.args[0])
 
     @staticmethod
     def is_shape_only(node: fx.Node) -> bool:
@@ -320,137 +249,37 @@ class _Builder:
         return (node.op == "call_function" and node.target is operator.getitem and bool(node.users)
                 and all(u.op == "call_function" and u.target in SHAPE_ONLY_FUNCTIONS for u in node.users))
 
-    def is_channelwise(self, node: fx.Node, module) -> bool:
-        if module is not None:
-            if isinstance(module, nn.PReLU) and module.num_parameters not in (1, _shape(node)[1]):
-                return False
-            return isinstance(module, CHANNELWISE_MODULES) and not getattr(module, "return_indices", False)
-        if node.op == "call_function" and node.target in CHANNELWISE_FUNCTIONS:
-            return self.first_input_keeps_shape(node) and (node.target is not F.batch_norm or self.functional_bn_ok(node))
-        if node.op == "call_method" and node.target in CHANNELWISE_METHODS:
-            return self.first_input_keeps_shape(node)
-        return False
-
-    def first_input_keeps_shape(self, node: fx.Node) -> bool:
-        first = node.args[0] if node.args else None
-        in_shape, out_shape = _shape(first), _shape(node)
-        return (isinstance(first, fx.Node) and in_shape is not None and len(in_shape) == len(out_shape)
-                and in_shape[:2] == out_shape[:2] and first in self.channels)
-
-    def functional_bn_ok(self, node: fx.Node) -> bool:
-        """F.batch_norm whose per-channel tensors are plain attributes (so they can be sliced)."""
-        extras = list(node.args[1:5]) + [node.kwargs.get(k) for k in ("running_mean", "running_var", "weight", "bias")]
-        return all(a is None or (isinstance(a, fx.Node) and a.op == "get_attr" and len(a.users) == 1) for a in extras)
-
-    def channelwise(self, node: fx.Node) -> None:
-        self.same_as(node, node.args[0])
-
-    def is_binary(self, node: fx.Node) -> bool:
-        return (node.op == "call_function" and node.target in BINARY_FUNCTIONS) or (
-            node.op == "call_method" and node.target in BINARY_METHODS
-        )
-
-    def binary(self, node: fx.Node) -> None:
-        out_shape = _shape(node)
-        tensors = [a for a in node.args[:2] if isinstance(a, fx.Node)]
-        if any(k not in ("alpha",) for k in node.kwargs):
-            return self.unknown(node)
-        aligned = [a for a in tensors if a in self.channels and _shape(a) is not None
-                   and len(_shape(a)) == len(out_shape) and _shape(a)[1] == out_shape[1]
-                   and self.channels[a].expansion == 1]
-        if len(aligned) != len(tensors) or not aligned:
-            # broadcasting across channels (an (N,1,H,W) map, a (C,1,1) parameter): not channel-wise
-            return self.unknown(node, "an elementwise op broadcasting across channels")
-        self.same_as(node, aligned[0])
-        first = self.channels[aligned[0]]
-        for other in aligned[1:]:
-            for a, b in zip(first.elements(), self.channels[other].elements()):
-                self.uf.union(a, b)
-
-    def concat(self, node: fx.Node) -> None:
-        tensors = node.args[0] if node.args else node.kwargs["tensors"]
-        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
-        out_shape = _shape(node)
-        if dim < 0:
-            dim += len(out_shape)
-        if dim != 1 or not all(isinstance(t, fx.Node) and t in self.channels and self.channels[t].expansion == 1 for t in tensors):
-            return self.unknown(node, "a concat along a non-channel dimension")
-        out = self.new(node, out_shape[1])
-        offset = 0
-        for t in tensors:
-            info = self.channels[t]
-            for c, e in enumerate(info.elements()):
-                self.uf.union(e, out.first + offset + c)
-            offset += info.width
-
-    def flatten(self, node: fx.Node, start_dim: int, end_dim: int) -> None:
-        src = node.args[0]
-        in_shape = _shape(src)
-        if src not in self.channels or start_dim != 1 or end_dim not in (-1, len(in_shape) - 1):
-            return self.unknown(node, "a flatten that does not keep the batch dimension")
-        info = self.channels[src]
-        spatial = int(np.prod(in_shape[2:])) if len(in_shape) > 2 else 1
-        self.channels[node] = NodeChannels(info.first, info.width, info.expansion * spatial)
-
-    def is_batch_flatten(self, node: fx.Node) -> bool:
-        """``x.view(x.size(0), -1)`` / ``reshape`` of the same form."""
-        sizes = node.args[1:]
-        if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
-            sizes = sizes[0]
-        if len(sizes) != 2 or sizes[1] != -1:
-            return False
-        batch = sizes[0]
-        return isinstance(batch, fx.Node) and batch.op == "call_method" and batch.target == "size" and batch.args[1:] == (0,)
-
-    def is_spatial_reduction(self, node: fx.Node) -> bool:
-        if not (node.op == "call_method" and node.target in REDUCE_METHODS) and not (
-            node.op == "call_function" and node.target in (torch.mean, torch.sum, torch.amax, torch.amin)
-        ):
-            return False
-        src = node.args[0]
-        in_shape = _shape(src)
-        if src not in self.channels or in_shape is None or self.channels[src].expansion != 1:
-            return False
-        dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
-        if dims is None:
-            return False
-        dims = [dims] if isinstance(dims, int) else list(dims)
-        dims = [d + len(in_shape) if d < 0 else d for d in dims]
-        out_shape = _shape(node)
-        return 0 not in dims and 1 not in dims and len(out_shape) >= 2 and out_shape[1] == in_shape[1]
-
-    def conv(self, node: fx.Node, conv: nn.Conv2d) -> None:
-        src = node.args[0] if node.args else None
-        out_ch = _shape(node)[1]
-        if not isinstance(src, fx.Node) or src not in self.channels or self.channels[src].expansion != 1:
-            self.unknown(node, "a conv whose input channels are not tracked")
-            return
-        if conv.groups == 1:
-            self.producers[node] = self.new(node, out_ch)
-        elif conv.groups == conv.in_channels:
-            out = self.new(node, out_ch)
-            self.producers[node] = out
-            mult = out_ch // conv.in_channels
-            for c, e in enumerate(self.channels[src].elements()):
-                for j in range(mult):
-                    self.uf.union(e, out.first + c * mult + j)
-        else:  # grouped: outputs are new channels; equal counts per group are planned by remove_channels
-            out = self.new(node, out_ch)
-            self.producers[node] = out
-            self.grouped[node] = GroupedConv(conv.groups, self.channels[src], out)
-
-    def linear(self, node: fx.Node) -> None:
-        src = node.args[0] if node.args else None
-        if not isinstance(src, fx.Node) or src not in self.channels or len(_shape(src)) != 2:
-            self.unknown(node, "a Linear applied to a tensor with more than two dims")
-            return
-        self.opaque(node, "a Linear output")
+    def join_shared_modules(self) -> None:
+        """A module called more than once holds one set of per-channel tensors: a channel of its input
+        (of its output) is the same channel at every call, so it can go only where it can go at all."""
+        for target, nodes in self.calls.items():
+            module = self.gm.get_submodule(target)
+            if len(nodes) < 2 or not any(True for _ in module.parameters()) and not any(True for _ in module.buffers()):
+                continue
+            for side in ([n.args[0] if n.args else None for n in nodes], nodes):
+                infos = [self.channels.get(n) if isinstance(n, fx.Node) else None for n in side]
+                first = infos[0]
+                if any(i is None or (i.width, i.expansion) != (first.width, first.expansion) for i in infos):
+                    for info, node in zip(infos, nodes):
+                        if info is not None:
+                            self.pinned_elements.append(
+                                (info.elements(), f"a module called more than once on different channels "
+                                                  f"({node.format_node()})"))
+                    continue
+                for info in infos[1:]:
+                    if info is not first:
+                        self.union(first.elements(), info.elements())
 
     def build(self) -> ChannelAnalysis:
         for node in self.gm.graph.nodes:
             self.visit(node)
-        n = len(self.uf.parent)
-        class_of = self.uf.roots()
+        self.join_shared_modules()
+        n = self.size
+        if self.pairs:
+            a, b = (np.concatenate(side) for side in zip(*self.pairs))
+        else:
+            a = b = np.zeros(0, dtype=np.int64)
+        class_of = components(n, a, b)
         opaque = np.zeros(n, dtype=bool)
         pinned = np.zeros(n, dtype=bool)
         reasons: dict[int, str] = {}
@@ -497,4 +326,4 @@ def analyze_channels(gm: fx.GraphModule, example_inputs: tuple | None = None) ->
     """
     if example_inputs is not None:
         propagate_shapes(gm, tuple(example_inputs))
-    return _Builder(gm).build()
+    return ChannelGraph(gm).build()

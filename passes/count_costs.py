@@ -64,8 +64,10 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
+from torchvision.ops import StochasticDepth, stochastic_depth
 
-from .graph_utils import get_attr_path, swpfx_meta
+from .graph_utils import META_KEY, get_attr_path, swpfx_meta
+from .pass_result import PassResult
 
 PASS = "count_costs"
 COMPUTE_OPS = ("call_module", "call_function", "call_method")
@@ -105,7 +107,9 @@ class NodeCost:
 
 
 @dataclass
-class CountCostsResult:
+class CountCostsResult(PassResult):
+    """An analysis: ``modified`` is False; ``rows`` are also in every node's ``meta["swpfx"]["cost"]``."""
+
     rows: list[NodeCost]
     peak_activation_bytes: int
     peak_node: str | None
@@ -332,12 +336,8 @@ VIEW_METHODS = (
 VIEW_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
                 nn.AlphaDropout)
 register(*VIEW_FUNCTIONS, *VIEW_METHODS, *VIEW_MODULES)(lambda call: OpCount(0, 0, "view", "view"))
-try:  # torchvision's fx-wrapped stochastic depth is the identity in eval mode
-    from torchvision.ops import StochasticDepth, stochastic_depth
-
-    register(StochasticDepth, stochastic_depth)(lambda call: OpCount(0, 0, "view", "view"))
-except ImportError:  # pragma: no cover - torchvision is a dependency, but the pass does not need it
-    pass
+# torchvision's fx-wrapped stochastic depth is the identity in eval mode
+register(StochasticDepth, stochastic_depth)(lambda call: OpCount(0, 0, "view", "view"))
 
 MEMORY_FUNCTIONS = (F.pad, torch.cat, torch.concat, torch.concatenate, torch.stack, torch.roll, torch.flip,
                     torch.tile, torch.constant_pad_nd, torch.clone, torch.zeros_like, torch.ones_like)
@@ -372,7 +372,7 @@ def lowered_instance(node: fx.Node) -> str | None:
     lower_stripe_convs names each node of a lowered conv ``f"{conv node}_{part}"`` and
     records ``part`` in its meta, so two lowerings of one shared module stay apart.
     """
-    meta = node.meta.get("swpfx")
+    meta = node.meta.get(META_KEY)
     if not isinstance(meta, dict) or meta.get("role") != LOWERED_ROLE:
         return None
     part = meta.get("part", "")
@@ -383,9 +383,9 @@ def lowered_instance(node: fx.Node) -> str | None:
 
 def masked_conv_macs(call: OpCall, executed: int) -> int:
     """Effective MACs of a conv node carrying a stripe mask (O, *kernel); ``executed`` for any other node."""
-    if call.node.meta.get("swpfx", {}).get("role") in ZERO_EFFECTIVE_ROLES:
+    if call.node.meta.get(META_KEY, {}).get("role") in ZERO_EFFECTIVE_ROLES:
         return 0
-    mask = call.node.meta.get("swpfx", {}).get("mask")
+    mask = call.node.meta.get(META_KEY, {}).get("mask")
     weight = getattr(call.module, "weight", None)
     if not (isinstance(call.module, CONV_MODULES) and isinstance(mask, torch.Tensor)
             and tuple(mask.shape) == (weight.shape[0], *weight.shape[2:])):
@@ -402,7 +402,7 @@ def lowered_conv_macs(gm: fx.GraphModule, nodes: list[fx.Node], rows: dict[fx.No
     """
     convs = [n for n in nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), CONV_MODULES)]
     last = [n for n in nodes if n.op != "get_attr"][-1]  # buffers (gather indices) are not the output
-    out_shape, kept = rows[last].shape, last.meta["swpfx"].get("kept_stripes")
+    out_shape, kept = rows[last].shape, last.meta[META_KEY].get("kept_stripes")
     if not convs or kept is None or not isinstance(out_shape, tuple) or len(out_shape) < 3:
         return None
     in_per_group = gm.get_submodule(convs[0].target).weight.shape[1]
@@ -571,7 +571,7 @@ def op_label(node: fx.Node, module: nn.Module | None) -> str:
 
 def group_key(node: fx.Node) -> str:
     """How layers are matched across reports: the conv a node belongs to, a module path, or the node name."""
-    conv = node.meta.get("swpfx", {}).get("conv")
+    conv = node.meta.get(META_KEY, {}).get("conv")
     if conv:
         return conv
     if node.op == "call_module":
@@ -710,6 +710,8 @@ def count_costs(gm: fx.GraphModule, example_inputs: tuple) -> CountCostsResult:
     assign_lowered_macs(gm, interpreter.row_of)
     peak_node = interpreter.liveness.peak_node
     return CountCostsResult(
+        graph_module=gm,
+        modified=False,
         rows=interpreter.rows,
         peak_activation_bytes=interpreter.liveness.peak,
         peak_node=peak_node.name if peak_node is not None else None,

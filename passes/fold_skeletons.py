@@ -5,26 +5,32 @@ plain ``nn.Conv2d`` call_module node (``padding_mode='zeros'``; other modes stay
 as the explicit ``F.pad`` node ``prepare`` made), with weight ``W ⊙ I ⊙ mask``
 and ``node.meta["swpfx"] = {"role": "conv", "conv": name, "mask": (O, Kh, Kw) bool}``.
 Convs without a skeleton get an all-True mask. The skeleton parameters are gone.
+A conv called more than once (one skeleton, the same weight at every call) stays
+one module that every call node targets.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
-from torch.nn.utils import skip_init
 
 from .graph_utils import (
+    META_KEY,
     Conv2dArgs,
     depends_only_on_attributes,
     erase_unused_attributes,
     evaluate_attribute_expression,
     is_conv2d_call,
+    modules_equal,
+    new_conv,
     pass_error,
     swpfx_meta,
 )
+from .pass_result import PassResult
 
 PASS = "fold_skeletons"
 
@@ -51,25 +57,7 @@ def masked_weight(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def conv_module_like(args: Conv2dArgs, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Conv2d:
     """A plain ``nn.Conv2d`` computing ``conv2d(x, weight, bias, ...)`` with ``args``' options."""
-    out_ch, in_per_group, kh, kw = weight.shape
-    conv = skip_init(
-        nn.Conv2d,
-        in_per_group * args.groups,
-        out_ch,
-        (kh, kw),
-        stride=args.stride,
-        padding=args.padding,
-        dilation=args.dilation,
-        groups=args.groups,
-        bias=bias is not None,
-        device=weight.device,
-        dtype=weight.dtype,
-    )
-    with torch.no_grad():
-        conv.weight.copy_(weight)
-        if bias is not None:
-            conv.bias.copy_(bias)
-    return conv
+    return new_conv(weight, bias, args.stride, args.padding, args.dilation, args.groups)
 
 
 # ---------------------------------------------------------------- predicates
@@ -94,7 +82,12 @@ def _evaluate(gm: fx.GraphModule, value):
     return evaluate_attribute_expression(gm, value).detach().clone()
 
 
-def fold_skeletons(gm: fx.GraphModule, masks: Mapping[str, torch.Tensor]) -> fx.GraphModule:
+@dataclass
+class FoldSkeletonsResult(PassResult):
+    convs: dict[str, str] = field(default_factory=dict)  # conv name -> module path of its folded nn.Conv2d
+
+
+def fold_skeletons(gm: fx.GraphModule, masks: Mapping[str, torch.Tensor]) -> FoldSkeletonsResult:
     """Turn every foldable conv of ``gm`` (in place) into a masked ``nn.Conv2d`` module.
 
     ``masks`` maps a conv name (as in ``swpfx.skeletons``) to its (O, Kh, Kw) keep mask.
@@ -103,11 +96,11 @@ def fold_skeletons(gm: fx.GraphModule, masks: Mapping[str, torch.Tensor]) -> fx.
         >>> import torch, torchvision, swpfx
         >>> prepared = swpfx.prepare(torchvision.models.resnet18())
         >>> masks = stripe_masks(swpfx.skeletons(prepared), 0.05)
-        >>> gm = fold_skeletons(prepared, masks)
+        >>> gm = fold_skeletons(prepared, masks).graph_module
         >>> type(gm.get_submodule("layer1.0.conv1")).__name__
         'Conv2d'
     """
-    folded: list[tuple[fx.Node, str, nn.Conv2d]] = []
+    folded: list[tuple[fx.Node, str, str]] = []  # (node, conv name, module path)
     for node in list(gm.graph.nodes):
         if not can_fold(node):
             continue
@@ -125,17 +118,22 @@ def fold_skeletons(gm: fx.GraphModule, masks: Mapping[str, torch.Tensor]) -> fx.
         else:
             mask = torch.ones(weight.shape[0], *weight.shape[2:], dtype=torch.bool, device=weight.device)
         conv = conv_module_like(args, weight, _evaluate(gm, args.bias))
-        temp = f"_swpfx_folded_{len(folded)}"
-        gm.add_submodule(temp, conv)
+        # a conv called more than once (one skeleton) stays one module
+        temp = next((t for _, other, t in folded if other == name and modules_equal(gm.get_submodule(t), conv)), None)
+        if temp is None:
+            temp = f"_swpfx_folded_{len(folded)}"
+            gm.add_submodule(temp, conv)
         node.op, node.target, node.args, node.kwargs = "call_module", temp, (args.input,), {}
-        node.meta["swpfx"] = {"role": "conv", "conv": name, "mask": mask.cpu()}
-        folded.append((node, name, conv))
+        node.meta[META_KEY] = {"role": "conv", "conv": name, "mask": mask.cpu()}
+        folded.append((node, name, temp))
     gm.graph.eliminate_dead_code()
     erase_unused_attributes(gm)
     _move_to_readable_paths(gm, folded)
     gm.graph.lint()
     gm.recompile()
-    return gm
+    convs = {n.meta[META_KEY]["conv"]: n.target for n in gm.graph.nodes
+             if n.meta.get(META_KEY, {}).get("role") == "conv"}
+    return FoldSkeletonsResult(gm, modified=bool(folded), convs=convs)
 
 
 def _module_path_free(gm: fx.GraphModule, path: str) -> bool:
@@ -151,13 +149,17 @@ def _module_path_free(gm: fx.GraphModule, path: str) -> bool:
     return False
 
 
-def _move_to_readable_paths(gm: fx.GraphModule, folded: list[tuple[fx.Node, str, nn.Conv2d]]) -> None:
-    """Install folded convs where the source conv lived (``layer1.0.conv1``), suffixing duplicates."""
-    for node, name, conv in folded:
-        path, i = name, 0
-        while not _module_path_free(gm, path):
-            i += 1
-            path = f"{name}_{i}"
-        gm.add_submodule(path, conv)
-        delattr(gm, node.target)
-        node.target = path
+def _move_to_readable_paths(gm: fx.GraphModule, folded: list[tuple[fx.Node, str, str]]) -> None:
+    """Install folded convs where the source conv lived (``layer1.0.conv1``), suffixing duplicates;
+    the calls of one shared module keep sharing it."""
+    moved: dict[str, str] = {}
+    for node, name, temp in folded:
+        if temp not in moved:
+            path, i = name, 0
+            while not _module_path_free(gm, path):
+                i += 1
+                path = f"{name}_{i}"
+            gm.add_submodule(path, gm.get_submodule(temp))
+            delattr(gm, temp)
+            moved[temp] = path
+        node.target = moved[temp]

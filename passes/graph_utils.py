@@ -1,4 +1,4 @@
-"""Small helpers shared by the passes: errors, attribute paths, conv argument access."""
+"""Small helpers shared by the passes: errors, attribute paths, conv argument access, module constructors."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.fx.passes.shape_prop import TensorMetadata
 from torch.nn.utils import skip_init
 
 CONV2D_FUNCTIONS = (torch.conv2d, F.conv2d)
@@ -51,6 +52,38 @@ def unique_attr_name(root: nn.Module, base: str) -> str:
             return candidate
         i += 1
         candidate = f"{base}_{i}"
+
+
+def tensor_shape(node) -> tuple[int, ...] | None:
+    """The shape ShapeProp recorded for ``node`` (None for non-nodes and non-tensor results)."""
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return tuple(meta.shape) if isinstance(meta, TensorMetadata) else None
+
+
+def _values_equal(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+                and a.shape == b.shape and a.device == b.device and torch.equal(a, b))
+    return type(a) is type(b) and a == b
+
+
+def modules_equal(a: nn.Module, b: nn.Module) -> bool:
+    """Same type, attributes, mode and (bitwise) parameters and buffers, also of submodules:
+    one may stand in for the other."""
+    if a is b:
+        return True
+    pairs = list(zip(a.modules(), b.modules()))
+    if len(pairs) != len(list(b.modules())) or len(pairs) != len(list(a.modules())):
+        return False
+    for x, y in pairs:
+        if type(x) is not type(y) or x.training != y.training:
+            return False
+        for own_x, own_y in ((x._parameters, y._parameters), (x._buffers, y._buffers),
+                             ({k: v for k, v in vars(x).items() if not k.startswith("_")},
+                              {k: v for k, v in vars(y).items() if not k.startswith("_")})):
+            if own_x.keys() != own_y.keys() or not all(_values_equal(own_x[k], own_y[k]) for k in own_x):
+                return False
+    return True
 
 
 def is_conv2d_call(node: fx.Node) -> bool:
@@ -156,3 +189,38 @@ def batchnorm_channels(bn: nn.modules.batchnorm._BatchNorm, keep) -> nn.Module:
             new.num_batches_tracked.copy_(bn.num_batches_tracked)
     new.train(bn.training)
     return new
+
+
+def new_conv(weight: torch.Tensor, bias: torch.Tensor | None = None, stride=None, padding=None, dilation=None,
+             groups: int | None = None, *, like: nn.Conv2d | None = None, padding_mode: str | None = None) -> nn.Conv2d:
+    """A ``nn.Conv2d`` holding copies of ``weight`` (O, C/groups, Kh, Kw) and ``bias`` (no random init: ``skip_init``).
+
+    Options not given come from ``like`` (a conv whose geometry, padding mode and
+    training flag to copy), else from ``nn.Conv2d``'s defaults; the kernel size and
+    channel counts follow from ``weight`` and ``groups``.
+
+    Example:
+        >>> conv = new_conv(torch.ones(4, 3, 3, 3), torch.zeros(4), padding=1, groups=2)
+        >>> conv.in_channels, conv.out_channels, conv.kernel_size, conv.padding
+        (6, 4, (3, 3), (1, 1))
+        >>> new_conv(torch.ones(4, 1, 1, 1), like=conv, groups=1).padding
+        (1, 1)
+    """
+    def option(value, name: str, default):
+        if value is not None:
+            return value
+        return getattr(like, name) if like is not None else default
+
+    groups = option(groups, "groups", 1)
+    out_ch, in_per_group, kh, kw = weight.shape
+    conv = skip_init(nn.Conv2d, in_per_group * groups, out_ch, (kh, kw), stride=option(stride, "stride", 1),
+                     padding=option(padding, "padding", 0), dilation=option(dilation, "dilation", 1), groups=groups,
+                     bias=bias is not None, padding_mode=option(padding_mode, "padding_mode", "zeros"),
+                     device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        conv.weight.copy_(weight)
+        if bias is not None:
+            conv.bias.copy_(bias)
+    if like is not None:
+        conv.train(like.training)
+    return conv

@@ -37,6 +37,7 @@ from .graph_utils import (
     split_path,
     swpfx_meta,
 )
+from .pass_result import PassResult
 
 PASS = "insert_skeletons"
 OTHER_CONV_MODULES = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -62,8 +63,7 @@ class ConvSite:
 
 
 @dataclass
-class InsertSkeletonsResult:
-    graph_module: fx.GraphModule
+class InsertSkeletonsResult(PassResult):
     skeletons: dict[str, str] = field(default_factory=dict)  # conv name -> skeleton attribute path
     skipped: list[SkippedConv] = field(default_factory=list)
 
@@ -270,7 +270,7 @@ def insert_skeletons(gm: fx.GraphModule, include=None, exclude=()) -> InsertSkel
     """
     sites, skipped = collect_conv_sites(gm)
     sites, deselected = select_sites(sites, include, exclude)
-    result = InsertSkeletonsResult(gm, skipped=skipped + deselected)
+    result = InsertSkeletonsResult(gm, modified=bool(sites), skipped=skipped + deselected)
     for site in sites:
         _, skeleton_path = skeleton_key(site.weight_param)
         if site.name not in result.skeletons:

@@ -54,6 +54,7 @@ Example:
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -61,7 +62,10 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .graph_utils import batchnorm_channels, pass_error, split_path, swpfx_meta, unique_attr_name
+from .form_work import executed_macs, form_work
+from .graph_utils import (META_KEY, batchnorm_channels, new_conv as _new_conv, pass_error, split_path, swpfx_meta,
+                          unique_attr_name)
+from .pass_result import PassResult
 from .stripe_geometry import FORMS  # noqa: F401  (re-exported)
 from .stripe_geometry import (DEFAULT_MIN_GROUP, ConvGeometry, box_groups, group_units, inverse_order,
                               stripe_count_buckets, supported_forms)
@@ -139,18 +143,6 @@ class _Builder:
             index = torch.tensor(inverse_order(order), dtype=torch.long, device=self.conv.weight.device)
             y = self.function(torch.index_select, (y, 1, self.buffer("order", index)), "reorder")
         return y
-
-
-def _new_conv(weight: torch.Tensor, bias: torch.Tensor | None, stride, padding, dilation, groups) -> nn.Conv2d:
-    """A Conv2d holding ``weight``/``bias`` (no random init: skip_init, then the given tensors)."""
-    out_ch, in_per_group, kh, kw = weight.shape
-    conv = nn.utils.skip_init(nn.Conv2d, in_per_group * groups, out_ch, (kh, kw), stride=stride, padding=padding,
-                              dilation=dilation, groups=groups, bias=bias is not None, device=weight.device,
-                              dtype=weight.dtype)
-    conv.weight = nn.Parameter(weight.detach().contiguous().clone())
-    if bias is not None:
-        conv.bias = nn.Parameter(bias.detach().clone())
-    return conv
 
 
 def _box_name(box, geometry: ConvGeometry) -> str:
@@ -255,7 +247,7 @@ def build_shift(b: _Builder, x: fx.Node, geometry: ConvGeometry, mask: torch.Ten
 
 def is_stripe_conv(gm: fx.GraphModule, node: fx.Node) -> bool:
     return (node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Conv2d)
-            and isinstance(node.meta.get("swpfx", {}).get("mask"), torch.Tensor))
+            and isinstance(node.meta.get(META_KEY, {}).get("mask"), torch.Tensor))
 
 
 def is_lowerable(conv: nn.Conv2d, mask: torch.Tensor) -> bool:
@@ -265,7 +257,7 @@ def is_lowerable(conv: nn.Conv2d, mask: torch.Tensor) -> bool:
 
 def check_stripe_conv(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Conv2d, torch.Tensor]:
     conv = gm.get_submodule(node.target)
-    mask = node.meta["swpfx"]["mask"].to(torch.bool).cpu()
+    mask = node.meta[META_KEY]["mask"].to(torch.bool).cpu()
     if conv.padding_mode != "zeros":
         raise pass_error(PASS, node, f"padding_mode {conv.padding_mode!r} must be made an explicit pad first")
     if tuple(mask.shape) != (conv.out_channels, *conv.kernel_size):
@@ -284,7 +276,8 @@ def input_shape(gm: fx.GraphModule, node: fx.Node):
 RELU_FUNCTIONS = (torch.relu, F.relu)
 
 
-def _used_once(gm: fx.GraphModule, target: str) -> bool:
+def used_once(gm: fx.GraphModule, target: str) -> bool:
+    """Whether exactly one call_module node of the graph calls the submodule ``target``."""
     return sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == target) == 1
 
 
@@ -300,7 +293,7 @@ def channelwise_followers(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
         if user.args[:1] != (current,) or len(user.args) != 1:
             break
         module = gm.get_submodule(user.target) if user.op == "call_module" else None
-        is_bn = isinstance(module, nn.BatchNorm2d) and not chain and _used_once(gm, user.target)
+        is_bn = isinstance(module, nn.BatchNorm2d) and not chain and used_once(gm, user.target)
         is_relu = ((isinstance(module, nn.ReLU) or (user.op == "call_function" and user.target in RELU_FUNCTIONS))
                    and not user.kwargs.get("inplace", False))
         if not (is_bn or is_relu):
@@ -332,7 +325,7 @@ def permutable_consumers(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node] | N
     for user in users:
         module = gm.get_submodule(user.target) if user.op == "call_module" else None
         if not (isinstance(module, nn.Conv2d) and module.groups == 1 and user.args[:1] == (node,)
-                and node not in user.args[1:] and not user.kwargs and _used_once(gm, user.target)):
+                and node not in user.args[1:] and not user.kwargs and used_once(gm, user.target)):
             return None
     return users or None
 
@@ -371,10 +364,11 @@ def lower_conv(gm: fx.GraphModule, node: fx.Node, form: str, min_group: int = DE
             swpfx_meta(consumer)["input_order"] = "permuted by " + b.base
     else:
         out = b.restore_order([p for p, _ in parts], order)
-    info = {"role": "lowered_conv", "conv": b.source, "kept_stripes": int(mask.sum()), "lowering": form}
+    info = {"role": "lowered_conv", "conv": b.source, "kept_stripes": int(mask.sum()), "lowering": form,
+            "work": form_work(geometry, mask, form, min_group=min_group)}  # per sample, for the runtime model
     for new in b.created:
-        new.meta["swpfx"] = dict(info)
-        new.meta["swpfx"]["part"] = new.name[len(b.base) + 1:]
+        new.meta[META_KEY] = dict(info)
+        new.meta[META_KEY]["part"] = new.name[len(b.base) + 1:]
     if "tensor_meta" in end.meta:
         out.meta["tensor_meta"] = end.meta["tensor_meta"]
     end.replace_all_uses_with(out)
@@ -406,17 +400,21 @@ def choose_by_macs(geometry: ConvGeometry, mask: torch.Tensor, forms: tuple, bat
     >>> choose_by_macs(g, centre, FORMS), choose_by_macs(g, torch.ones(16, 3, 3, dtype=torch.bool), FORMS)
     (('boxes', {'min_group': 8}), ('dense', {}))
     """
-    kh, kw = geometry.kernel
-    boxes = sum(len(filters) * (box[1] - box[0] + 1) * (box[3] - box[2] + 1)
-                for box, filters in box_groups(mask, DEFAULT_MIN_GROUP))
-    if "boxes" in forms and (not require_gain or boxes <= DEFAULT_GAIN * geometry.out_channels * kh * kw):
+    boxes = executed_macs(form_work(geometry, mask, "boxes", min_group=DEFAULT_MIN_GROUP))
+    dense = executed_macs(form_work(geometry, mask, "dense"))
+    if "boxes" in forms and (not require_gain or boxes <= DEFAULT_GAIN * dense):
         return "boxes", {"min_group": DEFAULT_MIN_GROUP}
     return "dense", {}
 
 
+@dataclass
+class LowerStripeConvsResult(PassResult):
+    forms: dict[str, str] = field(default_factory=dict)  # stripe conv node name -> form ("dense" if kept)
+
+
 def lower_stripe_convs(gm: fx.GraphModule, lowering: str = "auto",
-                       choose_form: FormChooser = choose_by_macs) -> fx.GraphModule:
-    """Lower every stripe-pruned conv of ``gm`` (in place) and return ``gm``.
+                       choose_form: FormChooser = choose_by_macs) -> LowerStripeConvsResult:
+    """Lower every stripe-pruned conv of ``gm`` (in place); returns each conv's form.
 
     lowering: ``"never"`` keeps the dense conv with zeroed stripes; ``"always"``
     lowers every conv with a partially pruned filter (never a 1×1 conv or a conv
@@ -434,6 +432,7 @@ def lower_stripe_convs(gm: fx.GraphModule, lowering: str = "auto",
     if lowering not in LOWERINGS:
         raise pass_error(PASS, None, f"lowering must be one of {LOWERINGS}, got {lowering!r}")
     candidates = [n for n in gm.graph.nodes if is_stripe_conv(gm, n)]
+    result = LowerStripeConvsResult(gm, modified=False)
     for node in candidates:
         if lowering != "never" and input_shape(gm, node) is None:
             raise pass_error(PASS, node, "the conv's input shape is missing; run "
@@ -442,17 +441,19 @@ def lower_stripe_convs(gm: fx.GraphModule, lowering: str = "auto",
         conv, mask = check_stripe_conv(gm, node)
         meta = swpfx_meta(node)
         meta["kept_stripes"] = int(mask.sum())
-        meta["lowering"] = "dense"
+        meta["lowering"] = result.forms[node.name] = "dense"
         if lowering == "never" or not is_lowerable(conv, mask):
             continue
         shape = input_shape(gm, node)
         geometry = ConvGeometry.of(conv, shape)
         form, options = choose_form(geometry, mask, supported_forms(geometry), shape[0], lowering == "auto")
         if form != "dense":
+            result.forms[node.name] = form
+            result.modified = True
             lower_conv(gm, node, form, **options)
     gm.graph.lint()
     gm.recompile()
-    return gm
+    return result
 
 
 def mark_stripe_conv(gm: fx.GraphModule, target: str, mask: torch.Tensor, example_input: torch.Tensor | None = None):
@@ -466,6 +467,6 @@ def mark_stripe_conv(gm: fx.GraphModule, target: str, mask: torch.Tensor, exampl
         conv.weight.mul_(mask[:, None].to(conv.weight.dtype))
     for node in gm.graph.nodes:
         if node.op == "call_module" and node.target == target:
-            node.meta["swpfx"] = {"role": "conv", "conv": target, "mask": mask.clone()}
+            node.meta[META_KEY] = {"role": "conv", "conv": target, "mask": mask.clone()}
     if example_input is not None:
         ShapeProp(gm).propagate(example_input)

@@ -22,22 +22,32 @@ What a removed channel contributed to its consumers is, depending on the caller:
 - ``merge_into={conv: {p: c}}`` (Central Filter compensation): each consumer's
   input weights for p are added onto those for c before p is dropped;
 - neither: the contribution is dropped (plain filter pruning).
+
+How each op is cut is its rule's ``slice`` in :mod:`.channel_rules`, the registry
+the analysis reads too. A module called more than once (a block applied to two
+branches) is cut once, to the channels every call keeps (the analysis makes that
+decision jointly); where the folded constant differs between its calls, each
+call gets its own constant add instead of a bias change. Calls that still need
+different modules get copies, listed in ``RemoveChannelsResult.duplicated``.
 """
 
 from __future__ import annotations
 
+import copy
 import operator
+from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from torch.nn.utils import skip_init
 
 from .analyze_channels import ChannelAnalysis, analyze_channels, propagate_shapes
-from .graph_utils import batchnorm_channels, get_attr_path, pass_error, swpfx_meta, unique_attr_name
+from .channel_rules import Kept, expand_columns, grouped_weight, rule_for  # noqa: F401  (grouped_weight re-exported)
+from .graph_utils import META_KEY, modules_equal, new_conv, pass_error, swpfx_meta, unique_attr_name
+from .pass_result import PassResult
 
 PASS = "remove_channels"
 
@@ -162,13 +172,6 @@ def keep_indices(analysis: ChannelAnalysis, removed: set[int]) -> dict[fx.Node, 
     return keep
 
 
-def expand_columns(channels: torch.Tensor, expansion: int) -> torch.Tensor:
-    """Channel indices -> column indices of a flatten with ``expansion`` columns per channel."""
-    if expansion == 1:
-        return channels
-    return (channels[:, None] * expansion + torch.arange(expansion)).reshape(-1)
-
-
 # ---------------------------------------------------------------- contributions of removed channels
 
 
@@ -240,46 +243,19 @@ def has_zero_padding(conv: nn.Conv2d) -> bool:
 
 
 # Uniformity: a dead filter emits a per-channel constant; which ops keep the removed channels' maps
-# constant at every resolution, and which linear ones make them position-dependent (but replayable).
-
-_ZERO_PADS = (nn.ZeroPad2d, nn.modules.padding._ConstantPadNd)
-_UNIFORM_PADS = (nn.ReflectionPad2d, nn.ReplicationPad2d, nn.CircularPad2d)
-_LINEAR_SPATIAL_MODULES = (nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Upsample, nn.Identity, nn.Dropout, nn.Dropout2d,
-                           *_ZERO_PADS, *_UNIFORM_PADS)
-_LINEAR_SPATIAL_FUNCTIONS = (F.pad, F.avg_pool2d, F.adaptive_avg_pool2d, F.interpolate)
+# constant at every resolution, and which linear ones make them position-dependent (but replayable),
+# says each op's rule (channel_rules: ``keeps_uniform``, ``linear_spatial``).
 
 
-def _call_args(node: fx.Node, names: tuple[str, ...], defaults: tuple) -> dict:
-    values = dict(zip(names, defaults))
-    values.update(zip(names, node.args))
-    values.update(node.kwargs)
-    return values
-
-
-def _avg_pool_breaks_uniform(padding, count_include_pad, divisor_override) -> bool:
-    return divisor_override is not None or (bool(count_include_pad) and any(p > 0 for p in _pair(padding)))
-
-
-def _pair(v) -> tuple:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+def _rule_and_module(gm: fx.GraphModule, node: fx.Node):
+    module = gm.get_submodule(node.target) if node.op == "call_module" else None
+    return rule_for(node, module), module
 
 
 def breaks_uniformity(gm: fx.GraphModule, node: fx.Node) -> bool:
     """An op that turns a constant map into a position-dependent one (zero padding, padded average pools)."""
-    if node.op == "call_module":
-        module = gm.get_submodule(node.target)
-        if isinstance(module, _ZERO_PADS):
-            return True
-        if isinstance(module, nn.AvgPool2d):
-            return _avg_pool_breaks_uniform(module.padding, module.count_include_pad, module.divisor_override)
-        return False
-    if node.op == "call_function" and node.target is F.pad:
-        return _call_args(node, ("input", "pad", "mode", "value"), (None, None, "constant", None))["mode"] == "constant"
-    if node.op == "call_function" and node.target is F.avg_pool2d:
-        a = _call_args(node, ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
-                              "divisor_override"), (None, None, None, 0, False, True, None))
-        return _avg_pool_breaks_uniform(a["padding"], a["count_include_pad"], a["divisor_override"])
-    return False
+    rule, module = _rule_and_module(gm, node)
+    return rule is not None and not rule.keeps_uniform(node, module)
 
 
 def uniform_nodes(gm: fx.GraphModule, analysis: ChannelAnalysis) -> set[fx.Node]:
@@ -306,14 +282,10 @@ def is_linear_spatial(gm: fx.GraphModule, node: fx.Node, analysis: ChannelAnalys
     if not (isinstance(src, fx.Node) and node.all_input_nodes == [src] and src in analysis.channels
             and analysis.channels.get(node) is analysis.channels[src]):
         return False
-    if node.op == "call_module":
-        module = gm.get_submodule(node.target)
-        if isinstance(module, nn.modules.padding._ConstantPadNd) and module.value != 0:
-            return False
-        return isinstance(module, _LINEAR_SPATIAL_MODULES) and not any(True for _ in module.parameters())
-    if node.op == "call_function" and node.target is F.pad:
-        return _call_args(node, ("input", "pad", "mode", "value"), (None, None, "constant", None))["value"] in (None, 0)
-    return node.op == "call_function" and node.target in _LINEAR_SPATIAL_FUNCTIONS
+    rule, module = _rule_and_module(gm, node)
+    if module is not None and any(True for _ in module.parameters()):
+        return False
+    return rule is not None and rule.linear_spatial(node, module)
 
 
 def constant_source(gm: fx.GraphModule, src: fx.Node, uniform: set[fx.Node], analysis: ChannelAnalysis):
@@ -338,69 +310,6 @@ def replay_chain(gm: fx.GraphModule, chain: list[fx.Node], x: torch.Tensor) -> t
 
 
 # ---------------------------------------------------------------- surgery
-
-
-def grouped_weight(weight: torch.Tensor, groups: int, out_keep: torch.Tensor, in_keep: torch.Tensor,
-                   in_channels: int, node: fx.Node | None = None) -> tuple[torch.Tensor, int]:
-    """The weight of a grouped conv restricted to ``out_keep`` / ``in_keep`` (global indices); new group count.
-
-    Every remaining group must keep the same number of inputs and outputs (the planner ensures it).
-    """
-    per_in, per_out = in_channels // groups, weight.shape[0] // groups
-    in_groups, out_groups = in_keep // per_in, out_keep // per_out
-    kept_groups = torch.unique(torch.cat([in_groups, out_groups]))
-    in_counts = torch.bincount(in_groups, minlength=groups)[kept_groups]
-    out_counts = torch.bincount(out_groups, minlength=groups)[kept_groups]
-    if not (in_counts == in_counts[0]).all() or not (out_counts == out_counts[0]).all() or in_counts[0] == 0 \
-            or out_counts[0] == 0:
-        raise pass_error(PASS, node, f"unequal groups after removal (inputs per group {in_counts.tolist()}, "
-                                     f"outputs per group {out_counts.tolist()})")
-    local_in = (in_keep % per_in).reshape(len(kept_groups), -1)  # (G', Cg'), sorted within each group
-    rank = torch.searchsorted(kept_groups, out_groups)  # output row -> its group among the kept ones
-    cols = local_in[rank].to(weight.device)  # (O', Cg')
-    rows = weight[out_keep]
-    index = cols[:, :, None, None].expand(-1, -1, *weight.shape[2:])
-    return torch.gather(rows, 1, index), len(kept_groups)
-
-
-def _sliced_conv(conv: nn.Conv2d, out_keep: torch.Tensor | None, in_keep: torch.Tensor | None,
-                 node: fx.Node | None = None) -> nn.Conv2d:
-    weight, bias = conv.weight.detach(), None if conv.bias is None else conv.bias.detach()
-    depthwise = conv.groups > 1 and conv.groups == conv.in_channels
-    groups = conv.groups
-    if conv.groups > 1 and not depthwise:
-        out_keep = torch.arange(conv.out_channels) if out_keep is None else out_keep
-        in_keep = torch.arange(conv.in_channels) if in_keep is None else in_keep
-        bias = None if bias is None else bias[out_keep]
-        weight, groups = grouped_weight(weight, conv.groups, out_keep, in_keep, conv.in_channels, node)
-    else:
-        if out_keep is not None:
-            weight = weight[out_keep]
-            bias = None if bias is None else bias[out_keep]
-        if in_keep is not None and not depthwise:
-            weight = weight[:, in_keep]
-        if depthwise and in_keep is not None:
-            groups = len(in_keep)
-    in_channels = weight.shape[1] * groups
-    new = skip_init(nn.Conv2d, in_channels, weight.shape[0], conv.kernel_size, conv.stride, conv.padding,
-                    conv.dilation, groups, bias is not None, conv.padding_mode, device=weight.device,
-                    dtype=weight.dtype)
-    with torch.no_grad():
-        new.weight.copy_(weight)
-        if bias is not None:
-            new.bias.copy_(bias)
-    new.train(conv.training)
-    return new
-
-
-def _sliced_linear(linear: nn.Linear, cols: torch.Tensor) -> nn.Linear:
-    new = skip_init(nn.Linear, len(cols), linear.out_features, linear.bias is not None,
-                    device=linear.weight.device, dtype=linear.weight.dtype)
-    with torch.no_grad():
-        new.weight.copy_(linear.weight[:, cols])
-        if linear.bias is not None:
-            new.bias.copy_(linear.bias)
-    return new
 
 
 def _merge_input_weights(weight: torch.Tensor, pairs: list[tuple[int, int]], expansion: int) -> None:
@@ -435,12 +344,8 @@ class DeadChannelConv:
 
 def _insert_dead_channel_conv(gm: fx.GraphModule, node: fx.Node, consumer: nn.Conv2d, plan: DeadChannelConv) -> None:
     """``node + conv(chain(ones_like(base[:, :1])))``: the removed channels' effect, at any input size."""
-    weight = plan.weight.to(consumer.weight.dtype)
-    conv = skip_init(nn.Conv2d, 1, weight.shape[0], consumer.kernel_size, consumer.stride, consumer.padding,
-                     consumer.dilation, 1, False, consumer.padding_mode, device=consumer.weight.device,
-                     dtype=weight.dtype)
-    with torch.no_grad():
-        conv.weight.copy_(weight)
+    weight = plan.weight.to(consumer.weight.device, consumer.weight.dtype)
+    conv = new_conv(weight, None, groups=1, like=consumer)
     conv.requires_grad_(False)  # a constant of the removed channels, not a trainable weight
     path = unique_attr_name(gm, f"{node.target}_dead_channels")
     gm.add_submodule(path, conv)
@@ -461,28 +366,63 @@ def _insert_dead_channel_conv(gm: fx.GraphModule, node: fx.Node, consumer: nn.Co
     swpfx_meta(dead).update(role="dead_channel_conv", conv=conv_name)
 
 
-def _slice_functional_batchnorm(gm: fx.GraphModule, node: fx.Node, keep: torch.Tensor) -> None:
-    for arg in node.all_input_nodes[1:]:
-        if arg.op != "get_attr":
-            continue
-        value = get_attr_path(gm, arg.target)
-        path = unique_attr_name(gm, f"{arg.target}_pruned")
-        owner, _, leaf = path.rpartition(".")
-        module = gm.get_submodule(owner) if owner else gm
-        sliced = value.detach()[keep].clone()
-        if isinstance(value, nn.Parameter):
-            module.register_parameter(leaf, nn.Parameter(sliced, requires_grad=value.requires_grad))
-        else:
-            module.register_buffer(leaf, sliced)
-        arg.target = path
-
-
 @dataclass
-class RemoveChannelsResult:
-    graph_module: fx.GraphModule
+class RemoveChannelsResult(PassResult):
     removed: dict[str, int]  # producer conv node name -> output channels removed
     # consumer convs whose removed inputs' constant depends on the position (added by a ones-map conv)
     bias_maps: list[str]
+    # module paths called more than once whose calls needed different modules: "path -> copy path"
+    duplicated: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Edit:
+    """One node's part of the surgery, planned before any module is replaced."""
+
+    node: fx.Node
+    rule: object  # its ChannelRule
+    module: nn.Module | None  # the module to cut (a private copy for a module called more than once)
+    kept: Kept
+    bias: torch.Tensor | None = None  # removed inputs' constant contribution, per output
+    plan: DeadChannelConv | None = None  # ... or, where it depends on the position, its ones-map conv
+    shift: bool = False  # add ``bias`` after this call instead of into the shared module's bias
+
+
+def _insert_constant_shift(gm: fx.GraphModule, node: fx.Node, delta: torch.Tensor, like: torch.Tensor) -> None:
+    """``node + delta`` (per output channel): a removed-inputs constant one call of a shared module needs."""
+    rank = len(node.meta["tensor_meta"].shape)
+    value = delta.to(like.device, like.dtype).reshape(1, -1, *[1] * (rank - 2))
+    path = unique_attr_name(gm, f"{node.target}_dead_channels_shift")
+    owner, _, leaf = path.rpartition(".")
+    (gm.get_submodule(owner) if owner else gm).register_buffer(leaf, value)
+    graph = gm.graph
+    with graph.inserting_after(node):
+        shift = graph.get_attr(path)
+    with graph.inserting_after(shift):
+        add = graph.call_function(torch.add, (node, shift))
+    node.replace_all_uses_with(add, delete_user_cb=lambda user: user is not add)
+    conv_name = swpfx_meta(node).get("conv", node.name)
+    for new in (shift, add):
+        swpfx_meta(new).update(role="dead_channel_constant", conv=conv_name)
+
+
+def _install_shared(gm: fx.GraphModule, target: str, calls: list[fx.Node], finals: dict[fx.Node, nn.Module],
+                    original: nn.Module) -> list[str]:
+    """Install the cut module of every call of ``target``: one module for calls whose results are equal,
+    a copy (``target_1`` ...) for each call that needs another; returns the copies as "target -> copy"."""
+    variants: list[tuple[nn.Module, str]] = []
+    copies = []
+    for node in calls:
+        module = finals.get(node, original)
+        path = next((p for m, p in variants if modules_equal(m, module)), None)
+        if path is None:
+            path = target if not variants else unique_attr_name(gm, target)
+            gm.add_submodule(path, module)
+            variants.append((module, path))
+            if path != target:
+                copies.append(f"{target} -> {path}")
+        node.target = path
+    return copies
 
 
 def remove_channels(
@@ -542,48 +482,95 @@ def remove_channels(
         with torch.no_grad():
             capture.run(*example_inputs)
         captured = capture.captured
-    dead_channel_convs: list[tuple[fx.Node, nn.Conv2d, DeadChannelConv]] = []
-    removed_counts = {}
-    for node in list(gm.graph.nodes):
+    edits = _plan_edits(gm, analysis, keep, captured, merge_classes, sources)
+    removed_counts = {e.node.name: analysis.channels[e.node].width - len(e.kept.out) for e in edits
+                      if e.node in analysis.producers and e.kept.out is not None}
+    calls: dict[str, list[fx.Node]] = defaultdict(list)
+    for node in gm.graph.nodes:
         if node.op == "call_module":
-            module = gm.get_submodule(node.target)
-            src = node.args[0] if node.args else None
-            out_keep, in_keep = keep.get(node), keep.get(src) if isinstance(src, fx.Node) else None
-            if isinstance(module, nn.Conv2d) and (out_keep is not None or in_keep is not None):
-                if node in analysis.producers and out_keep is not None:
-                    removed_counts[node.name] = module.out_channels - len(out_keep)
-                plan = _fix_consumer(module, node, src, analysis, keep, captured, merge_classes, sources)
-                new = _sliced_conv(module, out_keep, in_keep, node)
-                gm.add_submodule(node.target, new)
-                if plan is not None:
-                    if out_keep is not None:
-                        plan.weight = plan.weight[out_keep]
-                    dead_channel_convs.append((node, new, plan))
-                _slice_mask(node, out_keep)
-            elif isinstance(module, nn.Linear) and in_keep is not None:
-                _fix_consumer(module, node, src, analysis, keep, captured, merge_classes, sources)
-                cols = expand_columns(in_keep, analysis.channels[src].expansion)
-                gm.add_submodule(node.target, _sliced_linear(module, cols))
-            elif isinstance(module, nn.modules.batchnorm._BatchNorm) and out_keep is not None:
-                gm.add_submodule(node.target, batchnorm_channels(module, out_keep))
-            elif isinstance(module, nn.PReLU) and module.num_parameters > 1 and out_keep is not None:
-                new = nn.PReLU(len(out_keep))
-                with torch.no_grad():
-                    new.weight.copy_(module.weight[out_keep])
-                gm.add_submodule(node.target, new)
-        elif node.op == "call_function" and node.target is F.batch_norm and node in keep:
-            _slice_functional_batchnorm(gm, node, keep[node])
+            calls[node.target].append(node)
+    originals = {target: gm.get_submodule(target) for target in calls}
+    finals: dict[str, dict[fx.Node, nn.Module]] = defaultdict(dict)
+    dead_channel_convs: list[tuple[fx.Node, nn.Conv2d, DeadChannelConv]] = []
+    for e in edits:
+        if e.bias is not None and not e.shift:
+            _add_bias(e.module, e.bias)
+        new = e.rule.slice(e.module, e.kept)
+        if e.node.op == "call_module":
+            if len(calls[e.node.target]) > 1:
+                finals[e.node.target][e.node] = new if new is not None else e.module
+            elif new is not None:
+                gm.add_submodule(e.node.target, new)
+        if e.plan is not None:
+            if e.kept.out is not None:
+                e.plan.weight = e.plan.weight[e.kept.out]
+            dead_channel_convs.append((e.node, new, e.plan))
+        _slice_mask(e.node, e.kept.out)
+    duplicated = []
+    for target, cut in finals.items():
+        duplicated += _install_shared(gm, target, calls[target], cut, originals[target])
     # after all slicing: the inserted adds take over their consumer's uses, which the loop keys on
     for node, consumer, plan in dead_channel_convs:
         _insert_dead_channel_conv(gm, node, consumer, plan)
+    for e in edits:
+        if e.shift:
+            bias = e.bias if e.kept.out is None else e.bias[e.kept.out]
+            _insert_constant_shift(gm, e.node, bias, e.module.weight)
     gm.graph.lint()
     gm.recompile()
     propagate_shapes(gm, example_inputs)
-    return RemoveChannelsResult(gm, removed_counts, [node.name for node, _, _ in dead_channel_convs])
+    bias_maps = [node.name for node, _, _ in dead_channel_convs]
+    return RemoveChannelsResult(gm, bool(keep or merge_classes or duplicated), removed_counts, bias_maps, duplicated)
+
+
+def _plan_edits(gm, analysis, keep, captured, merge_classes, sources) -> list[_Edit]:
+    """What every node losing channels needs: its rule, the module to cut, the removed inputs' constant.
+
+    Each call of a module called more than once is planned on a private copy of the
+    original; their constants go into the module's bias only if they are equal at
+    every call, else each call gets its own constant add.
+    """
+    edits = []
+    calls: dict[str, int] = defaultdict(int)
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] += 1
+    for node in list(gm.graph.nodes):
+        if node.op not in ("call_module", "call_function", "call_method"):
+            continue
+        module = gm.get_submodule(node.target) if node.op == "call_module" else None
+        rule = rule_for(node, module)
+        src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        kept = Kept(gm, node, keep.get(node), keep.get(src) if src is not None else None,
+                    analysis.channels[node].expansion if node in analysis.channels else 1,
+                    analysis.channels[src].expansion if src in analysis.channels else 1)
+        if rule is None or (kept.out is None and kept.inputs is None):
+            continue
+        if module is not None and calls[node.target] > 1 and _has_tensors(module):
+            module = copy.deepcopy(module)
+        edit = _Edit(node, rule, module, kept)
+        if module is not None:
+            edit.bias, edit.plan = _fix_consumer(module, node, src, analysis, keep, captured, merge_classes, sources)
+        edits.append(edit)
+    by_target: dict[str, list[_Edit]] = defaultdict(list)
+    for e in edits:
+        if e.node.op == "call_module":
+            by_target[e.node.target].append(e)
+    for target, group in by_target.items():
+        if calls[target] > 1 and any(e.bias is not None for e in group):
+            same = len(group) == calls[target] and all(
+                e.bias is not None and torch.equal(e.bias, group[0].bias) for e in group)
+            for e in group:
+                e.shift = e.bias is not None and not same
+    return edits
+
+
+def _has_tensors(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
 
 
 def _slice_mask(node: fx.Node, out_keep: torch.Tensor | None) -> None:
-    meta = swpfx_meta(node)
+    meta = node.meta.get(META_KEY, {})
     if out_keep is not None and "mask" in meta:
         meta["mask"] = meta["mask"][out_keep]
 
@@ -654,10 +641,12 @@ def _check_fold(node: fx.Node, expected: torch.Tensor, actual: torch.Tensor) -> 
 def _fix_consumer(module, node, src, analysis, keep, captured, merge_classes, sources):
     """Account for removed input channels of a consumer before they are sliced away.
 
-    Returns a :class:`DeadChannelConv` if the constant's effect depends on the position, else None.
+    Merges (``merge_into``) are applied to ``module``. Returns ``(bias, plan)``: the
+    removed channels' constant contribution per output, or a :class:`DeadChannelConv`
+    if it depends on the position (at most one of them; both None if nothing to add).
     """
     if not _is_folding_consumer(analysis.gm, node) or src not in keep:
-        return None
+        return None, None
     info = analysis.channels[src]
     classes = analysis.classes_of(src)
     kept = torch.zeros(info.width, dtype=torch.bool)
@@ -671,23 +660,21 @@ def _fix_consumer(module, node, src, analysis, keep, captured, merge_classes, so
             raise pass_error(PASS, node, "merging removed input channels into kept ones of a grouped conv "
                                          "is not supported", NotImplementedError)
         _merge_input_weights(module.weight, pairs, info.expansion)
-        return None
+        return None, None
     if src not in captured:
-        return None
+        return None, None
     expected = removed_contribution(module, captured[src], removed_in, info.expansion)
     if isinstance(module, nn.Linear):
-        _add_bias(module, expected)
-        return None
+        return expected, None
     base, chain = sources[node]
     constants = captured[base][0, removed_in].to(torch.float64).flatten(1).mean(1)  # uniform maps
     weight = dead_channel_weight(module, constants, removed_in)
     if not bool(weight.any()):
-        return None  # every removed constant is zero (e.g. a negative BN shift through ReLU)
+        return None, None  # every removed constant is zero (e.g. a negative BN shift through ReLU)
     ones = torch.ones((1, 1, *captured[base].shape[2:]), dtype=torch.float64, device=weight.device)
     with torch.no_grad():
         actual = _conv_like(module, replay_chain(analysis.gm, chain, ones), weight)[0]
     _check_fold(node, expected, actual)
     if not chain and not has_zero_padding(module):
-        _add_bias(module, weight.sum((1, 2, 3)))  # a constant input gives a constant output
-        return None
-    return DeadChannelConv(weight, base, chain)
+        return weight.sum((1, 2, 3)), None  # a constant input gives a constant output
+    return None, DeadChannelConv(weight, base, chain)

@@ -8,7 +8,7 @@
 """
 
 from swpfx.central_filter import central_filter, l1_filter_prune
-from swpfx.convert import convert
+from swpfx.convert import convert, cut_table
 from swpfx.cost import CostReport, compare, cost
 from swpfx.importance import stripe_importance
 from swpfx.export import ExportError, ExportResult, ExportVerificationError, export_onnx, ort_session, run_onnx, verify_onnx
@@ -16,6 +16,7 @@ from swpfx.persist import load, save
 from swpfx.prepare import PrepareConfig, is_prepared, prepare, skeletons, skipped_convs
 from swpfx.tracing import TracingError
 from swpfx.sparsity import SparsityReport, sparsity
+from swpfx.timing import latencies, latency
 from swpfx.training import param_groups, regularize_skeletons_, scheduled_sparsity, skeleton_penalty
 
 __all__ = [
@@ -30,6 +31,9 @@ __all__ = [
     "compare",
     "convert",
     "cost",
+    "cut_table",
+    "latencies",
+    "latency",
     "export_onnx",
     "is_prepared",
     "l1_filter_prune",

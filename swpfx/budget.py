@@ -1,63 +1,112 @@
-"""Pruning to a FLOPs budget: the fewest pruned stripes (or filters) that meet ``flops_target`` × the dense FLOPs.
+"""Pruning to a budget: the cut that meets ``flops_target`` or ``latency_target`` × the dense model's cost.
 
 After BatchNorm a filter's skeleton scale is arbitrary (DESIGN.md §2, §9), so
-``|I|`` alone cannot rank stripes. Here stripes are put in one total order by
-their scale-free importance (:func:`swpfx.stripe_importance`; ties broken by
-weight magnitude, then position), and the budget prunes the k lowest for the
-smallest k whose converted graph's FLOPs — as :func:`swpfx.cost` counts them for
-the lowering mode in use, lowering ops included — are at most the target. One
-more k prunes one more unit, so a budget never jumps from "keep all" to "keep
-nothing", even on a freshly prepared model whose skeletons are all 1.
+``|I|`` alone cannot rank stripes. Here units are put in one total order by the
+scale-free importance (:func:`swpfx.stripe_importance`, over its layer's mean;
+ties broken by weight magnitude, then position), so one more step of a budget
+prunes one more unit and a budget never jumps from "keep all" to "keep nothing",
+even on a freshly prepared model whose skeletons are all 1. Three orders:
 
-The search runs in two phases: a binary search on an analytic FLOPs estimate
-(the channel analysis is done once; k only changes which filters are dead and
-how many stripes each keeps), then exact checks with the real pipeline and
-:func:`swpfx.cost`, stepping k up until the real count meets the budget.
+``"stripe"``   single stripes;
+``"filter"``   whole filters (summed importance): removes channels;
+``"snapped"``  each filter steps down a ladder of lowering-friendly shapes —
+               full kernel, its best centre row or centre column, its centre
+               stripe, nothing — so pruned filters become 1×k, k×1 or 1×1 convs
+               that the ``boxes`` lowering turns into speed.
+
+A cut is priced by :class:`swpfx.estimate.ConversionEstimate`: the FLOPs (exactly
+what :func:`swpfx.cost` counts for the built graph) and the predicted ONNX
+Runtime latency (the runtime model, with the same form choice the lowering
+makes) of the converted graph, without building it. ``flops_target`` bisects on
+the count of the chosen order; ``latency_target`` does so for every order and
+keeps the cut that keeps the most importance — it can always fall back to
+removing filters, so it is never worse than filter pruning by that measure.
+Either way, stripes whose pruning buys nothing — in convs that stay dense, or
+in pruned filters the graph must keep — are given back
+(:func:`revive_free_stripes`) before a cut is priced.
 """
 
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass
+import math
 
 import torch
-from torch import fx, nn
+from torch import fx
 
-from swpfx.passes.analyze_channels import ChannelAnalysis, analyze_channels
-from swpfx.passes.fold_skeletons import fold_skeletons
-from swpfx.passes.graph_utils import swpfx_meta
-from swpfx.passes.remove_channels import keep_indices, plan_removal
+from swpfx.estimate import ConversionEstimate
 from swpfx.importance import DEFAULT_SCOPE, normalize_per_layer, stripe_importance, stripe_ranks
-from swpfx.pipeline import convert_with_masks
 from swpfx.prepare import skeletons
+
+GRANULARITIES = ("stripe", "filter", "snapped")
+LATENCY_ORDERS = ("filter", "snapped", "stripe")
+
+
+def importance_scores(prepared: fx.GraphModule, scope: str = DEFAULT_SCOPE) -> dict[str, torch.Tensor]:
+    """Scale-free stripe importance, over its layer's mean (``scope="layer"``) or raw (``"global"``)."""
+    scores = stripe_importance(prepared)
+    return normalize_per_layer(scores) if scope == "layer" else scores
+
+
+def snapped_ladders(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per filter of one conv, the steps of its shape ladder: ``(step of each stripe (O, kh, kw), step scores)``.
+
+    Step 0 removes what lies outside the filter's best centre row or column (by
+    summed score), step 1 the rest of that line but the centre, step 2 the
+    centre. ``step_scores`` (O, 3) is the importance each step removes per stripe,
+    made non-decreasing along the ladder so a global order keeps each filter's
+    steps in sequence. A 1×1 kernel has only the last step.
+
+    >>> step, score = snapped_ladders(torch.tensor([[[1., 5., 1.], [0., 9., 0.], [1., 5., 1.]]]))
+    >>> step[0].tolist(), [round(v, 3) for v in score[0].tolist()]
+    ([[0, 1, 0], [0, 2, 0], [0, 1, 0]], [0.667, 5.0, 9.0])
+    """
+    o, kh, kw = scores.shape
+    ci, cj = kh // 2, kw // 2
+    row, col = torch.zeros(kh, kw, dtype=torch.bool), torch.zeros(kh, kw, dtype=torch.bool)
+    row[ci, :], col[:, cj] = True, True
+    centre = torch.zeros(kh, kw, dtype=torch.bool)
+    centre[ci, cj] = True
+    use_row = (scores * row).flatten(1).sum(1) >= (scores * col).flatten(1).sum(1)
+    line = torch.where(use_row[:, None, None], row, col)
+    step = torch.full((o, kh, kw), 1, dtype=torch.long)
+    step[~line] = 0
+    step[:, ci, cj] = 2
+    totals = torch.stack([(scores * (step == s)).flatten(1).sum(1) for s in range(3)], 1)
+    counts = torch.stack([(step == s).flatten(1).sum(1) for s in range(3)], 1).clamp_min(1)
+    step_scores = torch.cummax(totals / counts, dim=1).values
+    return step, step_scores
 
 
 def pruning_order(prepared: fx.GraphModule, granularity: str = "stripe", scope: str = DEFAULT_SCOPE):
     """``(ranks, always, units)``: the order in which a budget prunes, strongest last.
 
-    ``ranks[name]`` (O, Kh, Kw) holds each stripe's position in one total order —
-    its own with ``granularity="stripe"``, its filter's with ``"filter"`` (filters
-    ranked by summed stripe importance) — by scale-free importance
-    (:func:`swpfx.stripe_importance`), ties broken by weight magnitude and then
-    position, so every step of a budget search prunes one more unit. ``scope``: as in
-    the gradual training rule, importance over its layer's mean (``"layer"``) or raw
-    (``"global"``). ``always`` marks stripes that are exactly
-    zero (hard-zeroed in training): they go at any budget. ``units`` is how many
-    units the order has.
+    ``ranks[name]`` (O, Kh, Kw) holds each stripe's position in one total order of
+    units — the stripe's own (``"stripe"``), its filter's (``"filter"``) or its
+    ladder step's (``"snapped"``, see :func:`snapped_ladders`) — by scale-free
+    importance (:func:`importance_scores`), ties broken by weight magnitude and
+    position. ``always`` marks stripes that are exactly zero (hard-zeroed in
+    training): they go at any budget. ``units`` is how many units the order has.
     """
-    scores = stripe_importance(prepared)
-    if scope == "layer":
-        scores = normalize_per_layer(scores)
-    skels = skeletons(prepared)
-    always = {name: (s.detach() == 0).cpu() for name, s in skels.items()}
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"swpfx.convert: granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    scores = importance_scores(prepared, scope)
+    always = {name: (s.detach() == 0).cpu() for name, s in skeletons(prepared).items()}
     weight_size = stripe_importance(prepared, rule="skeleton")  # |I| breaks ties of equal importance
     if granularity == "stripe":
         ranks = stripe_ranks(scores, tiebreak=weight_size)
         return ranks, always, sum(r.numel() for r in ranks.values())
-    filter_ranks = stripe_ranks({n: s.flatten(1).sum(1) for n, s in scores.items()},
-                                tiebreak={n: s.flatten(1).sum(1) for n, s in weight_size.items()})
-    ranks = {n: r[:, None, None].expand_as(always[n]) for n, r in filter_ranks.items()}
-    return ranks, always, sum(r.numel() for r in filter_ranks.values())
+    if granularity == "filter":
+        unit_scores = {n: s.flatten(1).sum(1) for n, s in scores.items()}
+        ties = {n: s.flatten(1).sum(1) for n, s in weight_size.items()}
+        filter_ranks = stripe_ranks(unit_scores, tiebreak=ties)
+        ranks = {n: r[:, None, None].expand_as(always[n]) for n, r in filter_ranks.items()}
+        return ranks, always, sum(r.numel() for r in filter_ranks.values())
+    ladders = {n: snapped_ladders(s.detach().double().cpu()) for n, s in scores.items()}
+    # the step index breaks ties first, so a filter's steps always come in ladder order
+    step_ranks = stripe_ranks({n: score for n, (_, score) in ladders.items()},
+                              tiebreak={n: torch.arange(3.0).expand_as(score) for n, (_, score) in ladders.items()})
+    ranks = {n: step_ranks[n].gather(1, step.flatten(1)).view_as(step) for n, (step, _) in ladders.items()}
+    return ranks, always, sum(r.numel() for r in step_ranks.values())
 
 
 def masks_pruning(ranks: dict[str, torch.Tensor], always: dict[str, torch.Tensor], count: int) -> dict[str, torch.Tensor]:
@@ -71,129 +120,154 @@ def masks_pruning(ranks: dict[str, torch.Tensor], always: dict[str, torch.Tensor
     return {name: (r >= count) & ~always[name] for name, r in ranks.items()}
 
 
-@dataclass
-class _ConvSite:
-    node: fx.Node
-    name: str  # skeleton key ('' for convs without a skeleton)
-    module: nn.Conv2d
-    out_pixels: int
+def revive_free_stripes(estimator: ConversionEstimate, masks: dict[str, torch.Tensor],
+                        always: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``masks`` with every pruned stripe that would buy nothing given back.
 
-
-class FlopsEstimator:
-    """Conv + Linear FLOPs of the converted graph for given masks, without building it."""
-
-    def __init__(self, prepared: fx.GraphModule, probe: tuple, lowered: bool, channel_multiple: int = 1):
-        self.channel_multiple = channel_multiple
-        gm = copy.deepcopy(prepared).eval()
-        full = {name: torch.ones_like(s, dtype=torch.bool) for name, s in skeletons(prepared).items()}
-        fold_skeletons(gm, full)
-        self.analysis: ChannelAnalysis = analyze_channels(gm, probe)
-        self.lowered = lowered
-        self.convs, self.linears = [], []
-        for node in gm.graph.nodes:
-            if node.op != "call_module":
-                continue
-            module = gm.get_submodule(node.target)
-            if isinstance(module, nn.Conv2d):
-                shape = node.meta["tensor_meta"].shape
-                self.convs.append(_ConvSite(node, swpfx_meta(node).get("conv", ""), module, shape[0] * shape[2] * shape[3]))
-            elif isinstance(module, nn.Linear):
-                self.linears.append((node, module))
-
-    def dead_requests(self, masks: dict[str, torch.Tensor]) -> dict[fx.Node, list[int]]:
-        requests = {}
-        for site in self.convs:
-            if site.name in masks and site.node in self.analysis.producers:
-                dead = (~masks[site.name].flatten(1).any(1)).nonzero().flatten().tolist()
-                if dead:
-                    requests[site.node] = dead
-        return requests
-
-    def flops(self, masks: dict[str, torch.Tensor]) -> int:
-        removed = plan_removal(self.analysis, self.dead_requests(masks), channel_multiple=self.channel_multiple)
-        keep = keep_indices(self.analysis, removed)
-        total = 0
-        for site in self.convs:
-            conv = site.module
-            src = site.node.args[0]
-            in_kept = len(keep[src]) if src in keep else conv.in_channels
-            depthwise = conv.groups > 1 and conv.groups == conv.in_channels
-            in_per_group = 1 if depthwise else conv.in_channels // conv.groups if conv.groups > 1 else in_kept
-            rows = keep.get(site.node, torch.arange(conv.out_channels))
-            if site.name in masks and self.lowered:
-                stripes = int(masks[site.name][rows].flatten(1).sum(1).clamp_min(1).sum())
-            else:
-                stripes = len(rows) * conv.kernel_size[0] * conv.kernel_size[1]
-            total += 2 * site.out_pixels * in_per_group * stripes
-        for node, linear in self.linears:
-            src = node.args[0]
-            cols = linear.in_features
-            if src in keep:
-                cols = len(keep[src]) * self.analysis.channels[src].expansion
-            batch = node.meta["tensor_meta"].shape[0]
-            total += 2 * batch * cols * linear.out_features
-        return total
-
-
-def masks_for_flops_target(prepared: fx.GraphModule, flops_target: float, lowering: str, probe: tuple,
-                           channel_multiple: int = 1, granularity: str = "stripe", scope: str = DEFAULT_SCOPE):
-    """The fewest pruned units (of :func:`pruning_order`) whose converted FLOPs are ≤ ``flops_target`` × dense.
-
-    FLOPs fall (weakly) as more units are pruned, so the smallest such count
-    prunes the least and lands as close to the target as one unit allows.
-    Returns ``(masks, report)`` where ``report`` describes the chosen cut.
+    A conv that stays a dense conv runs all its kept filters' stripes anyway, and
+    a pruned filter that the graph keeps (coupled, pinned, or kept to round the
+    channel count) is computed anyway: their pruned stripes only cost accuracy.
+    Only stripes zeroed in training (``always``) stay pruned there. FLOPs and
+    predicted latency are unchanged (the graph keeps its shape; dense convs stay
+    dense).
     """
-    from swpfx.cost import cost
-
-    ranks, always, units = pruning_order(prepared, granularity, scope)
-    dense_flops = cost(prepared, probe).flops
-    budget = flops_target * dense_flops
-    estimator = FlopsEstimator(prepared, probe, lowered=lowering != "never", channel_multiple=channel_multiple)
-    # the estimate covers convs and Linears; other matmuls are unchanged by pruning
-    rest = dense_flops - estimator.flops({name: torch.ones_like(r, dtype=torch.bool) for name, r in ranks.items()})
-
-    def estimate(count: int) -> int:
-        return rest + estimator.flops(masks_pruning(ranks, always, count))
-
-    def real(count: int) -> int:
-        gm, _ = convert_with_masks(prepared, masks_pruning(ranks, always, count), lowering, probe, channel_multiple)
-        return cost(gm, probe).flops
-
-    count = _first_index_within(estimate, budget, 0, units)
-    flops = real(count)
-    if flops > budget:  # the estimate was optimistic (lowering overheads): gallop up, then bisect
-        below, step = count, 1
-        while flops > budget:
-            if count == units:
-                raise ValueError(
-                    f"swpfx.convert: flops_target={flops_target} is not reachable; pruning every stripe of every "
-                    f"prepared conv leaves {flops / dense_flops:.3f} of the dense FLOPs (unprepared layers, "
-                    "channels pinned by the graph, and one channel kept per tensor)"
-                )
-            below, count = count, min(count + step, units)
-            step *= 2
-            flops = real(count)
-        found = _first_index_within(lambda i: real(i) if i != count else flops, budget, below + 1, count)
-        count, flops = found, (flops if found == count else real(found))
-    masks = masks_pruning(ranks, always, count)
-    report = {
-        "flops_target": flops_target,
-        "granularity": granularity,
-        "importance": f"scale_free/{scope}",
-        "pruned_units": count,
-        "flops_ratio": flops / dense_flops,
-        "kept_stripes": int(sum(int(m.sum()) for m in masks.values())),
-        "total_stripes": int(sum(m.numel() for m in masks.values())),
-    }
-    return masks, report
+    keep = estimator.keep(masks)
+    decisions = estimator.estimate(masks).decisions
+    revived = dict(masks)
+    for site, decision in zip(estimator.convs, decisions):
+        if site.name not in masks or not decision.form.startswith("dense"):
+            continue
+        rows = keep.get(site.node) if site.node in estimator.analysis.producers else None
+        mask = masks[site.name].clone()
+        allowed = ~always[site.name]
+        if rows is None:
+            mask = allowed.clone()
+        else:
+            mask[rows] = allowed[rows]
+        revived[site.name] = mask
+    return revived
 
 
-def _first_index_within(estimate, budget: float, lo: int, hi: int) -> int:
-    """Smallest index in [lo, hi] whose estimate is ≤ budget (hi if none is)."""
+def kept_importance(masks: dict[str, torch.Tensor], scores: dict[str, torch.Tensor]) -> float:
+    """Summed importance of the kept stripes (what a cut preserves)."""
+    return float(sum((scores[n].detach().double().cpu() * masks[n]).sum() for n in masks))
+
+
+def first_index_within(value, budget: float, lo: int, hi: int) -> int:
+    """Smallest index in [lo, hi] whose ``value`` is ≤ budget, by bisection (hi if none is).
+
+    Costs fall as more units are pruned, up to a lowering that a runtime model
+    finds slower at one count and faster at the next, so this is the boundary
+    bisection lands on, within a few units of the smallest.
+    """
     while lo < hi:
         mid = (lo + hi) // 2
-        if estimate(mid) <= budget:
+        if value(mid) <= budget:
             hi = mid
         else:
             lo = mid + 1
     return lo
+
+
+def _check_target(name: str, target) -> None:
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or math.isnan(target) or not 0 < target <= 1:
+        raise ValueError(f"swpfx.convert: {name} must be a fraction in (0, 1], got {target!r}")
+
+
+def _cut_report(estimate, masks, count: int, order: str, scope: str) -> dict:
+    return {
+        "granularity": order,
+        "importance": f"scale_free/{scope}",
+        "pruned_units": count,
+        "kept_stripes": int(sum(int(m.sum()) for m in masks.values())),
+        "total_stripes": int(sum(m.numel() for m in masks.values())),
+        "decisions": [vars(d) for d in estimate.decisions],
+    }
+
+
+def masks_for_flops_target(prepared: fx.GraphModule, flops_target: float, lowering: str, probe: tuple,
+                           channel_multiple: int = 1, granularity: str = "stripe", scope: str = DEFAULT_SCOPE,
+                           runtime_model=None):
+    """The fewest pruned units (of :func:`pruning_order`) whose converted FLOPs are ≤ ``flops_target`` × dense.
+
+    Returns ``(masks, report)``; ``report["flops_ratio"]`` is the converted graph's
+    FLOPs over the prepared model's, exactly as :func:`swpfx.cost` counts them.
+    """
+    from swpfx.cost import cost
+
+    _check_target("flops_target", flops_target)
+    ranks, always, units = pruning_order(prepared, granularity, scope)
+    dense_flops = cost(prepared, probe).flops
+    estimator = ConversionEstimate(prepared, probe, lowering, channel_multiple, runtime_model)
+    rest = dense_flops - estimator.estimate({n: torch.ones_like(r, dtype=torch.bool) for n, r in ranks.items()}).flops
+
+    def cut(count: int) -> dict[str, torch.Tensor]:
+        return revive_free_stripes(estimator, masks_pruning(ranks, always, count), always)
+
+    def flops(count: int) -> int:
+        return rest + estimator.estimate(cut(count)).flops
+
+    budget = flops_target * dense_flops
+    count = first_index_within(flops, budget, 0, units)
+    masks = cut(count)
+    estimate = estimator.estimate(masks)
+    reached = (rest + estimate.flops) / dense_flops
+    if reached > flops_target:
+        raise ValueError(
+            f"swpfx.convert: flops_target={flops_target} is not reachable; the closest reachable value is "
+            f"{reached:.3f} (pruning every stripe of every prepared conv; unprepared layers, channels pinned by "
+            "the graph and one channel kept per tensor remain)")
+    return masks, {"flops_target": flops_target, "flops_ratio": reached,
+                   **_cut_report(estimate, masks, count, granularity, scope)}
+
+
+def masks_for_latency_target(prepared: fx.GraphModule, latency_target: float, lowering: str, probe: tuple,
+                             runtime_model, channel_multiple: int, scope: str = DEFAULT_SCOPE,
+                             orders=LATENCY_ORDERS, batch: int = 1):
+    """The cut of greatest kept importance whose predicted ORT latency is ≤ ``latency_target`` × dense.
+
+    Latency is predicted for runs of ``batch`` samples. For each order of
+    ``orders`` the smallest count meeting the target is found
+    by bisection on the runtime model's prediction of the converted graph;
+    the winner keeps the most importance (:func:`kept_importance`).
+    Returns ``(masks, report)`` with every order's result under ``"candidates"``.
+    """
+    _check_target("latency_target", latency_target)
+    if lowering == "never":
+        raise ValueError("swpfx.convert: latency_target needs lowering='auto' (the runtime model picks the forms)")
+    estimator = ConversionEstimate(prepared, probe, lowering, channel_multiple, runtime_model, batch=batch)
+    scores = importance_scores(prepared, scope)
+    dense = estimator.estimate({n: torch.ones_like(s, dtype=torch.bool) for n, s in scores.items()}).seconds
+    budget = latency_target * dense
+    candidates, best, closest = {}, None, 1.0
+    for order in orders:
+        ranks, always, units = pruning_order(prepared, order, scope)
+
+        def cut(count: int) -> dict[str, torch.Tensor]:
+            return revive_free_stripes(estimator, masks_pruning(ranks, always, count), always)
+
+        def seconds(count: int) -> float:
+            return estimator.estimate(cut(count)).seconds
+
+        count = first_index_within(seconds, budget, 0, units)
+        masks = cut(count)
+        estimate = estimator.estimate(masks)
+        ratio = estimate.seconds / dense
+        closest = min(closest, ratio)
+        kept = kept_importance(masks, scores)
+        candidates[order] = {"pruned_units": count, "latency_ratio": ratio, "kept_importance": kept,
+                             "meets_target": ratio <= latency_target}
+        if ratio <= latency_target and (best is None or kept > best[0]):
+            best = (kept, order, count, masks, estimate, ratio)
+    if best is None:
+        raise ValueError(f"swpfx.convert: latency_target={latency_target} is not reachable on this model; the "
+                         f"closest reachable value is {closest:.3f} of the dense latency (runtime model: "
+                         f"{runtime_model.source})")
+    kept, order, count, masks, estimate, ratio = best
+    total = kept_importance({n: torch.ones_like(s, dtype=torch.bool) for n, s in scores.items()}, scores)
+    report = {"latency_target": latency_target, "latency_ratio": ratio, "predicted_ms": 1e3 * estimate.seconds,
+              "dense_predicted_ms": 1e3 * dense, "kept_importance": kept / total if total else 1.0,
+              "batch": batch, "runtime_model": runtime_model.source, "channel_multiple": channel_multiple,
+              **_cut_report(estimate, masks, count, order, scope),
+              "candidates": candidates}
+    return masks, report

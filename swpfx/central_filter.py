@@ -38,11 +38,12 @@ from scipy.sparse.csgraph import connected_components as scipy_components
 from scipy.sparse.csgraph import shortest_path
 from torch import fx, nn
 
+from swpfx.passes.graph_utils import META_KEY
 from swpfx.passes.measure_channel_similarity import measure_channel_similarity
 from swpfx.passes.modes import eval_mode
 from swpfx.tracing import normalize_example_inputs, trace
 
-META = "swpfx"
+META = META_KEY  # the node.meta / model.meta key of swpfx's entries
 # Distance floor for identical maps (similarity 1): a zero distance would read as "no path" (closeness 0).
 MIN_DISTANCE = 1e-9
 

@@ -1,4 +1,4 @@
-"""The ``swpfx`` command line: ``demo``, ``cost`` and ``bench``.
+"""The ``swpfx`` command line: ``demo``, ``cost``, ``bench`` and ``calibrate``.
 
 Exit codes scripts can rely on: 0 success, 1 a runtime failure (export,
 ONNX Runtime, training), 2 a usage error (unknown model, bad ``--input``,
@@ -9,6 +9,7 @@ Example:
     $ swpfx cost resnet18 --input 1,3,224,224
     $ swpfx bench resnet18 --protocol structured --batch 8
     $ swpfx demo --out demo-out
+    $ swpfx calibrate
 """
 
 from __future__ import annotations
@@ -161,8 +162,12 @@ def bench_shape(shape: tuple[int, ...] | None, batch: int) -> tuple[int, ...]:
 
 
 def run_bench(spec: str, shape, protocol="random", batch=1, threshold=0.05, lowering="auto", repeats=50, seed=0,
-              threads=2, keep_dir=None) -> str:
-    """Dense vs converted ONNX Runtime latency for ``spec`` with synthetic skeletons; a markdown section."""
+              threads=2, keep_dir=None, latency_target=None) -> str:
+    """Dense vs converted ONNX Runtime latency for ``spec`` with synthetic skeletons; a markdown section.
+
+    With ``latency_target`` the cut is ``convert(latency_target=...)``'s (on the
+    synthetic skeletons' importance) and the predicted ratio is printed beside the measured one.
+    """
     import tempfile
     from pathlib import Path
 
@@ -184,7 +189,10 @@ def run_bench(spec: str, shape, protocol="random", batch=1, threshold=0.05, lowe
     if not swpfx.skeletons(prepared):
         raise UsageError(f"model {spec!r} has no Conv2d that swpfx can prune")
     synthetic_skeletons_(prepared, protocol=protocol, threshold=threshold, seed=seed)
-    deployed = convert(prepared, threshold=threshold, lowering=lowering, example_inputs=(x,))
+    if latency_target is not None:
+        deployed = convert(prepared, latency_target=latency_target, example_inputs=(x,))
+    else:
+        deployed = convert(prepared, threshold=threshold, lowering=lowering, example_inputs=(x,))
     dense_cost, pruned_cost = cost(model, (x,)), cost(deployed, (x,))
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(keep_dir) if keep_dir else Path(tmp)
@@ -194,9 +202,13 @@ def run_bench(spec: str, shape, protocol="random", batch=1, threshold=0.05, lowe
                                threads=threads)
     speedup = times["dense"] / times["converted"]
     forms = Counter(conv_decisions(deployed).values())
+    cut = deployed.meta["swpfx"]["cut"]
+    how = f"threshold {threshold}, lowering {lowering}"
+    if latency_target is not None:
+        how = (f"latency_target {latency_target} ({cut['granularity']} order): predicted latency ratio "
+               f"{cut['latency_ratio']:.3f}, measured {times['converted'] / times['dense']:.3f}")
     lines = [
-        f"### swpfx bench {spec}: protocol {protocol}, input {','.join(map(str, x.shape))}, "
-        f"threshold {threshold}, lowering {lowering}",
+        f"### swpfx bench {spec}: protocol {protocol}, input {','.join(map(str, x.shape))}, {how}",
         "",
         "| model | FLOPs executed | FLOPs effective | params | ORT ms (median of %d) |" % repeats,
         "|---|---|---|---|---|",
@@ -235,7 +247,7 @@ def flop_ratios(dense, pruned, speedup: float) -> str:
 def cmd_bench(args) -> int:
     print(run_bench(args.model, args.input, protocol=args.protocol, batch=args.batch, threshold=args.threshold,
                     lowering=args.lowering, repeats=args.repeats, seed=args.seed, threads=args.threads,
-                    keep_dir=args.keep))
+                    keep_dir=args.keep, latency_target=args.latency_target))
     return 0
 
 
@@ -245,6 +257,25 @@ def cmd_demo(args) -> int:
     run_demo(out=args.out, epochs=args.epochs, seed=args.seed, quick=args.quick, subset=args.subset,
              sparsity=args.sparsity, latency_batch=args.latency_batch, threads=args.threads,
              progress=not args.no_progress, channel_multiple=args.channel_multiple)
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    import time
+
+    from tabulate import tabulate
+
+    from swpfx.runtime_model import CALIBRATION_SHAPES, cache_path, calibrate, channel_block, machine_key
+
+    path = args.out or cache_path()
+    shapes = CALIBRATION_SHAPES[::3] if args.quick else CALIBRATION_SHAPES
+    print(f"machine: {machine_key()}  (NCHWc channel block {channel_block()})")
+    start = time.perf_counter()
+    model = calibrate(cache=path, shapes=shapes, rounds=args.rounds, threads=args.threads,
+                      progress=not args.no_progress)
+    print(tabulate([[k, f"{v:.3e}"] for k, v in model.coefficients.items()], headers=["work", "seconds per unit"]))
+    print(f"fitted on {len(shapes)} conv shapes × 2 mask protocols in {time.perf_counter() - start:.0f} s; "
+          f"saved to {path}")
     return 0
 
 
@@ -272,9 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="seed for initialisation and batch order (default: 0)")
     demo.add_argument("--sparsity", type=_sparsity, default=0.6,
                       help="fraction of all stripes the gradual rule prunes during training (default: 0.6)")
-    demo.add_argument("--channel-multiple", type=_positive_int, default=16,
+    demo.add_argument("--channel-multiple", type=_positive_int, default=None,
                       help="round kept filters per conv to a multiple of this (ONNX Runtime's blocked conv layout "
-                           "wants 16 with AVX-512, 8 with AVX2; 1 = no rounding; default: 16)")
+                           "wants 16 with AVX-512, 8 with AVX2; 1 = no rounding; default: this CPU's block)")
     demo.add_argument("--subset", type=_positive_int, default=None,
                       help="train on only this many training images (for quick checks)")
     demo.add_argument("--quick", action="store_true",
@@ -313,7 +344,22 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0, help="mask seed (default: 0)")
     bench.add_argument("--threads", type=_positive_int, default=2, help="ORT intra-op and torch threads (default: 2)")
     bench.add_argument("--keep", default=None, metavar="DIR", help="keep the two ONNX files in DIR")
+    bench.add_argument("--latency-target", type=_fraction, default=None, metavar="T",
+                       help="convert with latency_target=T (predicted ORT latency ≤ T × dense; calibrates this "
+                            "machine on first use) instead of --threshold")
     bench.set_defaults(func=cmd_bench)
+
+    cal = sub.add_parser(
+        "calibrate", help="fit the runtime model (predicted ONNX Runtime latency) on this machine",
+        description="Time the dense and lowered forms of ResNet-18's 3x3 conv shapes in ONNX Runtime (exported with "
+                    "swpfx.export_onnx, thread spinning off, interleaved) and fit the runtime model that "
+                    "lowering='auto' and latency_target use. Cached per CPU model and ONNX Runtime version.")
+    cal.add_argument("--out", default=None, help="where to write the JSON (default: the per-machine cache file)")
+    cal.add_argument("--rounds", type=_positive_int, default=20, help="interleaved timing rounds per block (default: 20)")
+    cal.add_argument("--threads", type=_positive_int, default=2, help="ORT intra-op threads (default: 2)")
+    cal.add_argument("--quick", action="store_true", help="three shapes only: a smoke run, not a calibration")
+    cal.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cal.set_defaults(func=cmd_calibrate)
     return parser
 
 

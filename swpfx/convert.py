@@ -7,7 +7,7 @@ import math
 import torch
 from torch import fx
 
-from swpfx.budget import masks_for_flops_target
+from swpfx.budget import masks_for_flops_target, masks_for_latency_target
 from swpfx.passes.fold_skeletons import stripe_masks
 from swpfx.passes.graph_utils import evaluate_attribute_expression, get_attr_path
 from swpfx.pipeline import convert_with_masks
@@ -45,7 +45,7 @@ def check_skeletons(prepared: fx.GraphModule) -> None:
     """Every skeleton still exists and has the (O, Kh, Kw) shape of its conv's weight."""
     paths = prepared.meta[META]["skeletons"]
     for node in prepared.graph.nodes:
-        meta = node.meta.get("swpfx", {})
+        meta = node.meta.get(META, {})
         if meta.get("role") != "skeleton_weight":
             continue
         name = meta["conv"]
@@ -63,19 +63,19 @@ def check_skeletons(prepared: fx.GraphModule) -> None:
             )
 
 
-def _check_args(threshold, flops_target, lowering, channel_multiple=1, granularity="stripe") -> float | None:
-    if granularity not in ("stripe", "filter"):
-        raise ValueError(f"swpfx.convert: granularity must be 'stripe' or 'filter', got {granularity!r}")
-    if not isinstance(channel_multiple, int) or channel_multiple < 1:
+def _check_args(threshold, flops_target, latency_target, lowering, channel_multiple, granularity) -> float | None:
+    if granularity not in ("stripe", "filter", "snapped"):
+        raise ValueError(f"swpfx.convert: granularity must be 'stripe', 'filter' or 'snapped', got {granularity!r}")
+    if not isinstance(channel_multiple, int) or isinstance(channel_multiple, bool) or channel_multiple < 1:
         raise ValueError(f"swpfx.convert: channel_multiple must be a positive int, got {channel_multiple!r}")
     if lowering not in LOWERING_MODES:
         raise ValueError(f"swpfx.convert: lowering must be one of {LOWERING_MODES}, got {lowering!r}")
-    if threshold is not None and flops_target is not None:
-        raise ValueError("swpfx.convert: threshold and flops_target are mutually exclusive; pass one")
-    if flops_target is not None:
-        if not isinstance(flops_target, (int, float)) or math.isnan(flops_target) or not 0 < flops_target <= 1:
-            raise ValueError(f"swpfx.convert: flops_target must be a fraction in (0, 1], got {flops_target!r}")
-        return None
+    given = [name for name, v in (("threshold", threshold), ("flops_target", flops_target),
+                                  ("latency_target", latency_target)) if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"swpfx.convert: {' and '.join(given)} are mutually exclusive; pass one")
+    if flops_target is not None or latency_target is not None:
+        return None  # the budget checks its own target
     threshold = DEFAULT_THRESHOLD if threshold is None else threshold
     if not isinstance(threshold, (int, float)) or math.isnan(threshold) or threshold < 0:
         raise ValueError(f"swpfx.convert: threshold must be a number >= 0, got {threshold!r}")
@@ -87,15 +87,19 @@ def convert(
     threshold: float | None = None,
     *,
     flops_target: float | None = None,
+    latency_target: float | None = None,
     lowering: str = "auto",
     example_inputs=None,
-    channel_multiple: int = 16,
+    channel_multiple: int | None = None,
     granularity: str = "stripe",
+    runtime_model=None,
 ) -> fx.GraphModule:
     """Deploy a prepared model: a compact GraphModule of standard ops, for inference.
 
     1. merge each skeleton into its weight and zero the stripes with ``|I| <= threshold``
-       (or, with ``flops_target``, the cut that meets that fraction of the dense FLOPs);
+       (or, with ``flops_target``, the cut that meets that fraction of the dense FLOPs;
+       with ``latency_target``, the cut of most kept importance whose predicted
+       ONNX Runtime latency is at most that fraction of the dense model's);
     2. remove filters with no stripe left, and the channels they feed, across the
        whole graph (their constant effect is folded into the consumers, exactly);
     3. lower convs with partially pruned filters (``lowering``: ``"auto"`` decides per
@@ -109,12 +113,22 @@ def convert(
     skeleton is 1). ``granularity``: ``"stripe"`` ranks single stripes;
     ``"filter"`` ranks whole filters by their summed importance, so the budget is
     met by removing channels (what ONNX Runtime turns into speed), keeping only
-    the stripes training zeroed out.
+    the stripes training zeroed out; ``"snapped"`` steps each filter down
+    full → centre row/column → centre → nothing (see :mod:`swpfx.budget`).
+
+    ``latency_target`` tries all three orders and keeps the one that keeps the
+    most importance; latency is predicted for ``example_inputs``' batch size, by
+    ``runtime_model`` (default: this
+    machine's calibration, measured on first use — about two minutes — and
+    cached; see ``swpfx calibrate``). The chosen cut, predicted latency and
+    per-conv decisions are in ``deployed.meta["swpfx"]["cut"]``
+    (:func:`swpfx.cut_table` prints them).
 
     ``channel_multiple`` keeps a few dead filters where needed so that every conv
     keeps a multiple of that many output channels (or all of them): ONNX Runtime's
-    CPU convs are markedly slower on other channel counts. Use 1 to remove every
-    dead filter that can go.
+    CPU convs are markedly slower on other channel counts. The default is this
+    CPU's NCHWc block (:func:`swpfx.runtime_model.channel_block`: 16 with
+    AVX-512, 8 with AVX2). Use 1 to remove every dead filter that can go.
 
     The result is in eval mode and equals the prepared model with the pruned
     skeleton entries set to zero. ``prepared`` is not modified.
@@ -130,16 +144,28 @@ def convert(
         32
     """
     _require_prepared(prepared, "convert")
-    threshold = _check_args(threshold, flops_target, lowering, channel_multiple, granularity)
+    from swpfx.runtime_model import channel_block, default_runtime_model
+
+    if channel_multiple is None:
+        channel_multiple = channel_block()
+    threshold = _check_args(threshold, flops_target, latency_target, lowering, channel_multiple, granularity)
     check_skeletons(prepared)
     inputs = example_inputs_for(prepared, example_inputs)
     # One sample is enough: shapes and dead-channel constants do not depend on the batch.
     probe = tuple(x[:1] if x.dim() > 0 else x for x in inputs)
-    if flops_target is not None:
-        masks, cut = masks_for_flops_target(prepared, flops_target, lowering, probe, channel_multiple, granularity)
+    if runtime_model is None and lowering != "never":
+        runtime_model = default_runtime_model(calibrate_if_missing=latency_target is not None)
+    if latency_target is not None:
+        batch = next((x.shape[0] for x in inputs if isinstance(x, torch.Tensor) and x.dim()), 1)
+        masks, cut = masks_for_latency_target(prepared, latency_target, lowering, probe, runtime_model,
+                                              channel_multiple, batch=batch)
+    elif flops_target is not None:
+        masks, cut = masks_for_flops_target(prepared, flops_target, lowering, probe, channel_multiple, granularity,
+                                            runtime_model=runtime_model)
     else:
         masks, cut = stripe_masks(skeletons(prepared), threshold), {"threshold": threshold}
-    gm, removal = convert_with_masks(prepared, masks, lowering, probe, channel_multiple)
+    choose_form = runtime_model.choose_form if runtime_model is not None else None
+    gm, removal = convert_with_masks(prepared, masks, lowering, probe, channel_multiple, choose_form)
     gm.meta[META] = {
         "converted_from": prepared.meta[META].get("source_class"),
         "input_specs": [(tuple(x.shape), x.dtype) for x in inputs],
@@ -148,3 +174,25 @@ def convert(
         "bias_maps": removal.bias_maps,
     }
     return gm
+
+
+def cut_table(deployed: fx.GraphModule, tablefmt: str = "simple") -> str:
+    """The budget's per-conv decisions of a converted model, as a table (empty for a threshold cut).
+
+    Example:
+        >>> import torch, torchvision, swpfx
+        >>> from swpfx.runtime_model import RuntimeModel
+        >>> x = torch.randn(1, 3, 64, 64)
+        >>> prepared = swpfx.prepare(torchvision.models.resnet18(num_classes=10), (x,))
+        >>> deployed = swpfx.convert(prepared, latency_target=0.6, runtime_model=RuntimeModel())
+        >>> print(swpfx.cut_table(deployed).splitlines()[0])  # doctest: +NORMALIZE_WHITESPACE
+        conv    filters kept    in    stripes kept    form    MFLOPs    predicted ms
+    """
+    from tabulate import tabulate
+
+    cut = deployed.meta.get(META, {}).get("cut", {})
+    rows = [[d["conv"] or d["node"], f"{d['kept_filters']}/{d['filters']}", d["in_channels"],
+             f"{d['kept_stripes']}/{d['total_stripes']}", d["form"], f"{d['flops'] / 1e6:.2f}",
+             f"{d['seconds'] * 1e3:.3f}"] for d in cut.get("decisions", [])]
+    headers = ["conv", "filters kept", "in", "stripes kept", "form", "MFLOPs", "predicted ms"]
+    return tabulate(rows, headers=headers, tablefmt=tablefmt) if rows else ""

@@ -42,6 +42,7 @@ from tabulate import tabulate
 from torch import fx, nn
 
 from swpfx.passes.count_costs import NodeCost, count_costs, lowered_instance
+from swpfx.passes.graph_utils import META_KEY as META
 from swpfx.passes.modes import eval_mode
 from swpfx.tracing import normalize_example_inputs, trace
 
@@ -246,8 +247,8 @@ def _graph_module(model: nn.Module, leaf_modules) -> fx.GraphModule:
     if isinstance(model, fx.GraphModule):
         graph = copy.deepcopy(model.graph)
         for node in graph.nodes:  # Graph copies keep node.meta's inner dicts shared; unshare ours
-            if isinstance(node.meta.get("swpfx"), dict):
-                node.meta["swpfx"] = dict(node.meta["swpfx"])
+            if isinstance(node.meta.get(META), dict):
+                node.meta[META] = dict(node.meta[META])
         return fx.GraphModule(model, graph, type(model).__name__)
     return trace(model, leaf_modules, copy_model=False)
 
@@ -306,7 +307,7 @@ def conv_decisions(model: fx.GraphModule) -> dict[str, str]:
     """
     decisions: dict[str, str] = {}
     for node in model.graph.nodes:
-        meta = node.meta.get("swpfx")
+        meta = node.meta.get(META)
         if not isinstance(meta, dict):
             continue
         instance = lowered_instance(node)

@@ -45,6 +45,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from swpfx.data import accuracy, conv_stack
+from swpfx.passes.graph_utils import META_KEY as META
+from swpfx.plots import plot_flops, plot_stripes
 from swpfx.progress import progress_bar
 from swpfx.timing import ort_latency_ms
 
@@ -58,7 +60,7 @@ LR = 3e-3
 WEIGHT_DECAY = 1e-4
 SPARSITY = 0.6  # fraction of all stripes the gradual rule prunes by the end of training
 FINETUNE_EPOCHS = 3
-CHANNEL_MULTIPLE = 16  # kept filters per conv: ORT's blocked conv layout needs multiples of the SIMD width
+CHANNEL_MULTIPLE = None  # kept filters per conv: this CPU's NCHWc block (ORT's blocked conv layout)
 FINETUNE_LR = 1e-3
 BATCH = 64
 SPLIT_SEED = 0  # the train/test split never changes with --seed
@@ -159,7 +161,7 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: f
     return history
 
 
-# ---------------------------------------------------------------- masks and plots
+# ---------------------------------------------------------------- masks and FLOPs per layer
 
 
 def kept_stripe_masks(prepared: fx.GraphModule) -> dict[str, torch.Tensor]:
@@ -179,93 +181,12 @@ def conv_flops_by_layer(report, names) -> dict[str, int]:
     return totals
 
 
-def plot_stripes(masks: dict[str, torch.Tensor], path, max_filters: int = 64) -> None:
-    """Per conv: how often each stripe position is kept (heat map) and every filter's kept stripes (grid)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    names = list(masks)
-    fig, axes = plt.subplots(len(names), 2, figsize=(10, 2.9 * len(names)),
-                             gridspec_kw={"width_ratios": [1, 3.2]}, squeeze=False)
-    for row, name in enumerate(names):
-        mask = masks[name].cpu()
-        out_ch, kh, kw = mask.shape
-        alive = mask.flatten(1).any(1)
-        share = mask.float().mean(0).numpy()
-        ax = axes[row, 0]
-        im = ax.imshow(share, vmin=0, vmax=1, cmap="viridis")
-        for i in range(kh):
-            for j in range(kw):
-                ax.text(j, i, f"{100 * share[i, j]:.0f}%", ha="center", va="center", fontsize=9,
-                        color="white" if share[i, j] < 0.6 else "black")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_title(f"{name}: filters keeping\neach stripe position", fontsize=9)
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-        # grid of filter shapes: kept stripes white, pruned dark, removed filters red
-        shown = min(out_ch, max_filters)
-        cols = min(16, shown)
-        rows_n = math.ceil(shown / cols)
-        canvas = np.full((rows_n * (kh + 1) + 1, cols * (kw + 1) + 1, 3), 0.85)
-        for f in range(shown):
-            r, c = divmod(f, cols)
-            tile = np.zeros((kh, kw, 3))
-            if alive[f]:
-                tile[mask[f].numpy()] = 1.0
-                tile[~mask[f].numpy()] = 0.12
-            else:
-                tile[:] = (0.75, 0.2, 0.2)
-            canvas[1 + r * (kh + 1): 1 + r * (kh + 1) + kh, 1 + c * (kw + 1): 1 + c * (kw + 1) + kw] = tile
-        ax = axes[row, 1]
-        ax.imshow(canvas, interpolation="nearest")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        extra = f" (first {shown} shown)" if shown < out_ch else ""
-        ax.set_title(f"{name}: {int(alive.sum())}/{out_ch} filters kept, {int(mask.sum())}/{mask.numel()} stripes "
-                     f"kept{extra}\nwhite = kept stripe, black = pruned stripe, red = filter removed", fontsize=9)
-    fig.suptitle("Learned filter shapes (kept stripes per filter)", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_flops(dense: dict[str, int], pruned: dict[str, int], path) -> None:
-    """Grouped bars: FLOPs per layer, dense vs pruned, with the per-layer reduction."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    names = list(dense)
-    a = np.array([dense[n] for n in names], dtype=float) / 1e6
-    b = np.array([pruned.get(n, 0) for n in names], dtype=float) / 1e6
-    pos = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(names)), 4))
-    ax.bar(pos - 0.2, a, 0.4, label="dense", color="#8da0cb")
-    ax.bar(pos + 0.2, b, 0.4, label="pruned", color="#fc8d62")
-    for p, va, vb in zip(pos, a, b):
-        if va > 0:
-            ax.text(p + 0.2, vb, f"{vb / va:.0%}", ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(pos)
-    ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("MFLOPs per image")
-    ax.set_title(f"FLOPs per layer: dense {a.sum():.1f} M, pruned {b.sum():.1f} M ({a.sum() / max(b.sum(), 1e-9):.2f}× fewer)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 # ---------------------------------------------------------------- the demo
 
 
 def run_demo(out="demo-out", epochs: int | None = None, seed: int = 0, quick: bool = False, subset: int | None = None,
              sparsity: float = SPARSITY, latency_batch: int = 64, threads: int = 2, progress: bool = True,
-             finetune_epochs: int | None = None, channel_multiple: int = CHANNEL_MULTIPLE, log=print) -> dict:
+             finetune_epochs: int | None = None, channel_multiple: int | None = CHANNEL_MULTIPLE, log=print) -> dict:
     """Run the demo, write its files to ``out``, print a report; returns the metrics dict.
 
     ``quick`` is a smoke run for CI (1 epoch on 1,000 images, short timing); its
@@ -305,6 +226,10 @@ def run_demo(out="demo-out", epochs: int | None = None, seed: int = 0, quick: bo
     log(f"trained in {train_s:.0f} s: unpruned {acc_dense:.4f}, pruning {acc_trained:.4f}\n{report}")
 
     t0 = time.perf_counter()
+    if channel_multiple is None:
+        from swpfx.runtime_model import channel_block
+
+        channel_multiple = channel_block()
     deployed = swpfx.convert(prepared, threshold=0.0, example_inputs=example, channel_multiple=channel_multiple)
     convert_s = time.perf_counter() - t0
     acc_converted = accuracy(deployed, x_test, y_test)
@@ -390,7 +315,7 @@ def run_demo(out="demo-out", epochs: int | None = None, seed: int = 0, quick: bo
     }
     lowering = {}
     for node in deployed.graph.nodes:
-        meta = node.meta.get("swpfx")
+        meta = node.meta.get(META)
         if isinstance(meta, dict) and "lowering" in meta:
             lowering[str(meta.get("conv", node.name))] = meta["lowering"]
     (out / "metrics.json").write_text(json.dumps({**metrics, "lowering": lowering}, indent=1) + "\n")

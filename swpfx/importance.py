@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from swpfx.passes.graph_utils import evaluate_attribute_expression
+from swpfx.passes.graph_utils import META_KEY as META, evaluate_attribute_expression
 from swpfx.prepare import _require_prepared, skeletons
 
 RULES = ("scale_free", "skeleton")
@@ -127,7 +127,7 @@ def stripe_sites(prepared: fx.GraphModule) -> dict[str, StripeSite]:
     """Per prepared conv: its weight expression and the BatchNorm that directly follows it, if any."""
     weights, bns = {}, {}
     for node in prepared.graph.nodes:
-        meta = node.meta.get("swpfx", {})
+        meta = node.meta.get(META, {})
         if meta.get("role") == "skeleton_weight":
             weights[meta["conv"]] = node.args[0]
         elif meta.get("role") == "conv" and len(node.users) == 1:

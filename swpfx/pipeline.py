@@ -1,4 +1,13 @@
-"""The conversion pipeline for given stripe masks: fold, remove channels, lower — shared by ``convert`` and the budget."""
+"""The conversion pipeline for given stripe masks — a list of passes shared by ``convert`` and the budget.
+
+Example:
+    >>> import torch, torchvision, swpfx
+    >>> x = torch.randn(1, 3, 32, 32)
+    >>> prepared = swpfx.prepare(torchvision.models.resnet18(num_classes=10), (x,))
+    >>> masks = {n: torch.ones_like(s, dtype=torch.bool) for n, s in swpfx.skeletons(prepared).items()}
+    >>> [name for name, _ in conversion_passes(masks, "auto", (x,), 1, None)[0]]
+    ['fold_skeletons', 'remove_channels', 'fold_batchnorm_into_sums', 'mark_kept_dead_filters', 'lower_stripe_convs', 'eliminate_dead_code']
+"""
 
 from __future__ import annotations
 
@@ -6,6 +15,7 @@ import copy
 
 from torch import fx
 
+from swpfx.passes.fold_batchnorm_into_sums import fold_batchnorm_into_sums
 from swpfx.passes.fold_skeletons import fold_skeletons
 from swpfx.passes.graph_utils import swpfx_meta
 from swpfx.passes.lower_stripe_convs import lower_stripe_convs
@@ -41,18 +51,47 @@ def mark_kept_dead_filters(gm: fx.GraphModule) -> None:
             swpfx_meta(node)["mask"] = mask
 
 
-def convert_with_masks(prepared: fx.GraphModule, masks: dict, lowering: str, probe: tuple, channel_multiple: int = 1):
-    """The conversion pipeline for given stripe masks; returns (GraphModule, RemoveChannelsResult)."""
-    gm = copy.deepcopy(prepared).eval()
-    fold_skeletons(gm, masks)
-    removal = remove_channels(gm, probe, dead_filters(gm), fold_constants=True, channel_multiple=channel_multiple)
-    mark_kept_dead_filters(gm)
-    if lowering != "never":
-        from swpfx.runtime_model import default_runtime_model  # loads or calibrates only when lowering
+def conversion_passes(masks: dict, lowering: str, probe: tuple, channel_multiple: int, choose_form):
+    """``convert``'s passes, in order: ``[(name, pass)]``, each pass taking and changing the GraphModule."""
+    state = {}
 
-        lower_stripe_convs(gm, lowering=lowering, choose_form=default_runtime_model().choose_form)
+    def remove(gm):
+        state["removal"] = remove_channels(gm, probe, dead_filters(gm), fold_constants=True,
+                                           channel_multiple=channel_multiple)
+
+    passes = [
+        ("fold_skeletons", lambda gm: fold_skeletons(gm, masks)),
+        ("remove_channels", remove),
+        ("fold_batchnorm_into_sums", fold_batchnorm_into_sums),
+        ("mark_kept_dead_filters", mark_kept_dead_filters),
+    ]
+    if lowering != "never":
+        passes.append(("lower_stripe_convs", lambda gm: lower_stripe_convs(gm, lowering, choose_form)))
+    passes.append(("eliminate_dead_code", _eliminate_dead_code))
+    return passes, state
+
+
+def _eliminate_dead_code(gm: fx.GraphModule) -> None:
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
-    gm.graph.lint()
+
+
+def convert_with_masks(prepared: fx.GraphModule, masks: dict, lowering: str, probe: tuple, channel_multiple: int = 1,
+                       choose_form=None):
+    """The conversion pipeline for given stripe masks; returns (GraphModule, RemoveChannelsResult).
+
+    Runs :func:`conversion_passes` on a copy of ``prepared``, checking the graph
+    (``lint``) after each. ``choose_form`` picks each conv's lowering (default:
+    this machine's runtime model).
+    """
+    if lowering != "never" and choose_form is None:
+        from swpfx.runtime_model import default_runtime_model  # loaded only when lowering
+
+        choose_form = default_runtime_model().choose_form
+    gm = copy.deepcopy(prepared).eval()
+    passes, state = conversion_passes(masks, lowering, probe, channel_multiple, choose_form)
+    for _, run in passes:
+        run(gm)
+        gm.graph.lint()
     gm.recompile()
-    return gm, removal
+    return gm, state["removal"]

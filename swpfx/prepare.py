@@ -10,12 +10,12 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from swpfx.passes.graph_utils import get_attr_path
+from swpfx.passes.graph_utils import META_KEY, get_attr_path
 from swpfx.passes.insert_skeletons import SkippedConv, insert_skeletons
 from swpfx.passes.modes import eval_mode
 from swpfx.tracing import input_specs, normalize_example_inputs, trace
 
-META = "swpfx"
+META = META_KEY  # the node.meta / model.meta key of swpfx's entries
 
 
 @dataclass

@@ -1,14 +1,16 @@
-"""The runtime model behind ``lowering="auto"``: predicted ONNX Runtime latency of a conv's forms.
+"""Where latency is predicted: ONNX Runtime seconds of a conv's dense and lowered forms.
 
-For one stripe-pruned conv, :func:`candidate_work` counts the work of the dense
-conv and of every lowering the pass can emit (MACs done by dense GEMM-like convs,
-MACs and groups of one-hot grouped convs, elements copied by pad/slice/concat/
-gather/sum, node count), and :class:`RuntimeModel` turns work into seconds with
-per-kind coefficients. The shipped coefficients were fitted on this project's
-machine; :func:`calibrate` re-fits them on the user's machine by timing
-ResNet-18's conv shapes with both mask protocols in ONNX Runtime (about a
-minute) and caches them as JSON (``~/.cache/swpfx/runtime_model.json``), which
-:func:`default_runtime_model` then prefers.
+For one stripe-pruned conv, :func:`swpfx.passes.form_work.candidate_work` counts
+the work of the dense conv and of every lowering the pass can emit (MACs done by
+dense GEMM-like convs, MACs and groups of one-hot grouped convs, elements copied
+by pad/slice/concat/gather/sum, node count), and :class:`RuntimeModel` turns
+work into seconds with per-kind coefficients. The shipped coefficients were
+fitted on an AVX-512 machine and are a fallback only: :func:`calibrate` (also
+``swpfx calibrate``) fits them on the machine it runs on by timing ResNet-18's
+conv shapes with both mask protocols, exported with ``swpfx.export_onnx``, in
+ONNX Runtime, and caches them as JSON per CPU model and ONNX Runtime version
+(:func:`cache_path`), which :func:`default_runtime_model` then prefers.
+:func:`channel_block` is ORT's NCHWc channel block on this CPU.
 
 Example:
     >>> import torch
@@ -23,8 +25,8 @@ Example:
 ``swpfx.convert`` hands :meth:`RuntimeModel.choose_form` of the default model to
 the lowering pass (``lower_stripe_convs(gm, choose_form=...)``); the pass itself
 never imports swpfx. Sessions come from ``swpfx.export.ort_session`` and timings
-from ``swpfx.timing``; :func:`onnx_bytes`, :func:`stripe_conv_module` and
-:func:`lowered_copy` are shared with ``benchmarks/``.
+from ``swpfx.timing``; :func:`stripe_conv_module` and :func:`lowered_copy` are
+shared with ``benchmarks/``.
 
 Fitting the coefficients (non-negative least squares on relative error):
     >>> rows = [({"conv_macs": m, "ops": n}, 1e-11 * m + 5e-6 * n) for m, n in ((1e8, 1), (3e8, 4), (5e7, 9))]
@@ -47,13 +49,17 @@ from scipy.optimize import nnls
 from torch import fx, nn
 
 from swpfx.export import ort_session
+from swpfx.passes.form_work import WORK_KINDS, candidate_work, form_work  # noqa: F401  (re-exported)
 from swpfx.passes.lower_stripe_convs import lower_conv, mark_stripe_conv
-from swpfx.passes.stripe_geometry import ConvGeometry, box_groups, stripe_count_buckets, supported_forms
+from swpfx.passes.stripe_geometry import ConvGeometry, supported_forms
 from swpfx.timing import time_sessions
 
 
 def onnx_bytes(model: nn.Module, example_input: torch.Tensor, opset: int = 17) -> bytes:
-    """The model exported with the TorchScript exporter (``dynamo=False``), dynamic batch."""
+    """The model exported with the legacy TorchScript exporter (``dynamo=False``), dynamic batch.
+
+    For ``benchmarks/`` that compare exporters; calibration and deployment use ``swpfx.export_onnx``.
+    """
     buffer = io.BytesIO()
     torch.onnx.export(model, (example_input,), buffer, dynamo=False, opset_version=opset,
                       input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
@@ -62,12 +68,11 @@ def onnx_bytes(model: nn.Module, example_input: torch.Tensor, opset: int = 17) -
 
 # ---------------------------------------------------------------- the runtime model
 
-WORK_KINDS = ("conv_macs", "onehot_macs", "onehot_groups", "copy_elems", "ops")
-BOX_MIN_GROUPS = (8, 16, 32)
-DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "swpfx" / "runtime_model.json"
+CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "swpfx"
 
 # Fitted by ``calibrate()`` on this project's machine (ORT 1.31 CPU, 2 threads, ResNet-18 conv shapes at 224²,
-# both mask protocols); seconds per unit of work. Re-fit with ``swpfx.runtime_model.calibrate(cache=...)``.
+# both mask protocols, an AVX-512 Xeon); seconds per unit of work. A fallback only: ``calibrate()`` fits the
+# machine the model runs on.
 DEFAULT_COEFFICIENTS = {
     "conv_macs": 9.78e-12,
     "onehot_macs": 1.40e-10,
@@ -77,110 +82,54 @@ DEFAULT_COEFFICIENTS = {
 }
 
 
-def _spatial(geometry: ConvGeometry) -> tuple[int, int, int, int]:
-    h, w = geometry.input_hw
-    ho, wo = geometry.output_hw
-    return h, w, ho, wo
+def cpu_flags() -> set[str]:
+    """The CPU feature flags the kernel reports (empty where /proc/cpuinfo does not exist)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith(("flags", "Features"))), "")
+    return set(line.partition(":")[2].split())
 
 
-def _symmetric(pads) -> bool:
-    return pads[0] == pads[1] >= 0 and pads[2] == pads[3] >= 0
+def channel_block(flags: set[str] | None = None) -> int:
+    """ONNX Runtime's NCHWc channel block on this CPU: 16 with AVX-512F, 8 with AVX2, else 1 (no NCHWc).
+
+    ORT's CPU convs take their blocked fast path only when channel counts are
+    multiples of it (MLAS picks the block from the widest vector ISA it finds).
+
+    >>> channel_block({"avx2", "fma"}), channel_block({"avx2", "avx512f"}), channel_block(set())
+    (8, 16, 1)
+    """
+    flags = cpu_flags() if flags is None else flags
+    if "avx512f" in flags:
+        return 16
+    if "avx2" in flags:
+        return 8
+    return 1
 
 
-def _padded_elems(channels: int, h: int, w: int, pads) -> int:
-    return channels * (h + pads[0] + pads[1]) * (w + pads[2] + pads[3])
+def machine_key() -> str:
+    """What a calibration is valid for: CPU model, vector ISA (as its channel block) and ORT version."""
+    import platform
+
+    import onnxruntime
+
+    model = ""
+    try:
+        model = next((ln.partition(":")[2].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                      if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    model = model or platform.processor() or platform.machine()
+    return f"{model} | nchwc{channel_block()} | onnxruntime {onnxruntime.__version__}"
 
 
-def _merge(work: dict, **amounts) -> None:
-    for kind, amount in amounts.items():
-        work[kind] = work.get(kind, 0) + amount
-
-
-def _output_gather(work: dict, parts: int, reordered: bool, out_elems: int) -> None:
-    if parts > 1:
-        _merge(work, copy_elems=out_elems, ops=1)
-    if reordered:
-        _merge(work, copy_elems=out_elems, ops=1)
-
-
-def dense_work(geometry: ConvGeometry, mask) -> dict:
-    _, _, ho, wo = _spatial(geometry)
-    kh, kw = geometry.kernel
-    macs = geometry.out_channels * (geometry.in_channels // geometry.groups) * kh * kw * ho * wo
-    return {"conv_macs": macs, "ops": 1}
-
-
-def boxes_work(geometry: ConvGeometry, mask, min_group: int) -> dict:
-    h, w, ho, wo = _spatial(geometry)
-    c, g, o = geometry.in_channels, geometry.groups, geometry.out_channels
-    work: dict = {}
-    seen_pads = set()
-    order = []
-    groups = box_groups(mask, min_group)
-    for box, filters in groups:
-        pads = geometry.box_pads(box)
-        if not _symmetric(pads) and pads not in seen_pads:
-            seen_pads.add(pads)
-            _merge(work, copy_elems=_padded_elems(c, h, w, pads), ops=1)
-        if g > 1:  # input channel gather (upper bound: every filter duplicates its group's channels)
-            _merge(work, copy_elems=len(filters) * (c // g) * h * w, ops=1)
-        area = (box[1] - box[0] + 1) * (box[3] - box[2] + 1)
-        _merge(work, conv_macs=len(filters) * (c // g) * area * ho * wo, ops=1)
-        order.extend(filters)
-    _output_gather(work, len(groups), order != sorted(order), o * ho * wo)
-    return work
-
-
-def onehot_work(geometry: ConvGeometry, mask) -> dict:
-    h, w, ho, wo = _spatial(geometry)
-    c, o = geometry.in_channels, geometry.out_channels
-    kh, kw = geometry.kernel
-    work: dict = {}
-    buckets = stripe_count_buckets(mask)
-    for k, filters in buckets:
-        n = len(filters)
-        _merge(work, conv_macs=n * k * c * h * w, ops=2, onehot_macs=n * k * kh * kw * ho * wo, onehot_groups=n)
-        if not _symmetric(geometry.pads):
-            _merge(work, copy_elems=_padded_elems(n * k, h, w, geometry.pads), ops=1)
-    _output_gather(work, len(buckets), len(buckets) > 1, o * ho * wo)
-    return work
-
-
-def shift_work(geometry: ConvGeometry, mask) -> dict:
-    h, w, ho, wo = _spatial(geometry)
-    c, o = geometry.in_channels, geometry.out_channels
-    kh, kw = geometry.kernel
-    work: dict = {}
-    if any(geometry.pads):
-        _merge(work, copy_elems=_padded_elems(c, h, w, geometry.pads), ops=1)
-    per_position = mask.flatten(1).sum(0).tolist()
-    used = [n for n in per_position if n]
-    s = int(mask.sum())
-    _merge(work, copy_elems=len(used) * c * ho * wo, conv_macs=s * c * ho * wo, ops=2 * len(used))
-    if len(used) > 1:
-        _merge(work, copy_elems=s * ho * wo, ops=1)
-    buckets = stripe_count_buckets(mask)
-    for k, filters in buckets:
-        _merge(work, copy_elems=len(filters) * (k + 1) * ho * wo, ops=3)
-    _output_gather(work, len(buckets), len(buckets) > 1, o * ho * wo)
-    return work
-
-
-def candidate_work(geometry: ConvGeometry, mask, forms) -> dict[tuple, dict]:
-    """{(form, options): work} for dense and every candidate lowering of one conv."""
-    candidates = {("dense", ()): dense_work(geometry, mask)}
-    if "boxes" in forms:
-        seen = []
-        for min_group in BOX_MIN_GROUPS:
-            partition = [fs for _, fs in box_groups(mask, min_group)]
-            if partition not in seen:
-                seen.append(partition)
-                candidates[("boxes", (("min_group", min_group),))] = boxes_work(geometry, mask, min_group)
-    if "onehot" in forms:
-        candidates[("onehot", ())] = onehot_work(geometry, mask)
-    if "shift" in forms:
-        candidates[("shift", ())] = shift_work(geometry, mask)
-    return candidates
+def cache_path(directory=None) -> Path:
+    """The calibration file for this machine (one per CPU model and ONNX Runtime version)."""
+    slug = "".join(c if c.isalnum() else "-" for c in machine_key().lower())
+    slug = "-".join(part for part in slug.split("-") if part)
+    return Path(directory if directory is not None else CACHE_DIR) / f"runtime_model-{slug}.json"
 
 
 @dataclass
@@ -189,7 +138,8 @@ class RuntimeModel:
 
     ``latency = Σ coefficient[kind] · work[kind]`` with the kinds of ``WORK_KINDS``
     (dense-GEMM MACs, one-hot grouped-conv MACs and groups, elements copied by
-    pad/slice/concat/gather/sum, op count). ``pays(lowered, dense)`` is the
+    pad/slice/concat/gather/sum, op count), the work of
+    :func:`swpfx.passes.form_work.form_work`. ``pays(lowered, dense)`` is the
     "auto" rule: lower only if predicted faster than ``margin`` × dense.
 
     >>> model = RuntimeModel()
@@ -204,6 +154,7 @@ class RuntimeModel:
     coefficients: dict = field(default_factory=lambda: dict(DEFAULT_COEFFICIENTS))
     margin: float = 0.85
     source: str = "shipped default"
+    machine: str = ""
 
     def predict(self, work: dict, batch: int = 1) -> float:
         return sum(self.coefficients[k] * v * (1 if k == "ops" else batch) for k, v in work.items())
@@ -234,20 +185,31 @@ class RuntimeModel:
     def save(self, path) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"coefficients": self.coefficients, "margin": self.margin}, indent=1))
+        path.write_text(json.dumps({"coefficients": self.coefficients, "margin": self.margin,
+                                    "machine": self.machine}, indent=1))
 
     @classmethod
     def load(cls, path) -> RuntimeModel:
         data = json.loads(Path(path).read_text())
         return cls(coefficients={**DEFAULT_COEFFICIENTS, **data["coefficients"]}, margin=data.get("margin", 0.85),
-                   source=str(path))
+                   source=str(path), machine=data.get("machine", ""))
 
 
-def default_runtime_model(cache=None) -> RuntimeModel:
-    """The user's calibration (``cache`` or ~/.cache/swpfx/runtime_model.json) if present, else the shipped table."""
-    path = Path(cache) if cache is not None else DEFAULT_CACHE
+def default_runtime_model(cache=None, calibrate_if_missing: bool = False, progress: bool = True) -> RuntimeModel:
+    """This machine's calibration (``cache``, else :func:`cache_path`) if present, else the shipped table.
+
+    With ``calibrate_if_missing`` a missing calibration is measured now (about
+    two minutes, announced on stderr) and cached.
+    """
+    path = Path(cache) if cache is not None else cache_path()
     if path.exists():
         return RuntimeModel.load(path)
+    if calibrate_if_missing:
+        import sys
+
+        print(f"swpfx: no runtime model for this machine ({machine_key()}); calibrating ONNX Runtime now "
+              f"(about 2 minutes, cached in {path})", file=sys.stderr)
+        return calibrate(cache=path, progress=progress)
     return RuntimeModel()
 
 
@@ -285,18 +247,50 @@ def lowered_copy(gm, form: str, **options):
     return gm
 
 
-def measure_candidates(gm, x, candidates, rounds: int = 50) -> dict:
+class _Side(nn.Module):
+    """Every candidate form of one conv side by side, so one export serves them all."""
+
+    def __init__(self, modules: list[nn.Module]):
+        super().__init__()
+        self.forms = nn.ModuleList(modules)
+
+    def forward(self, x):
+        return tuple(m(x) for m in self.forms)
+
+
+def exported_sessions(modules: list[nn.Module], x: torch.Tensor, threads: int = 2) -> list:
+    """One ORT session per module, each cut from a single ``swpfx.export_onnx`` export of them all.
+
+    The deployment exporter is slow (seconds per call); one export per conv
+    shape, then ``onnx.utils.Extractor`` keeps each output's own subgraph.
+    """
+    import tempfile
+
+    import onnx
+    from onnx.utils import Extractor
+
+    from swpfx.export import export_onnx
+
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "candidates.onnx"
+        export_onnx(_Side(modules).eval(), (x,), path, verify=False)
+        proto = onnx.load(path)
+    extractor = Extractor(proto)
+    inputs = [i.name for i in proto.graph.input]
+    return [ort_session(extractor.extract_model(inputs, [out.name]).SerializeToString(), threads)
+            for out in proto.graph.output]
+
+
+def measure_candidates(gm, x, candidates, rounds: int = 50, threads: int = 2) -> dict:
     """{key: median ORT seconds} for dense (key ("dense", ())) and each (form, options) candidate.
 
     Each ORT output is checked against torch (relative error ≤ 1e-4).
     """
     reference = gm(x).detach()
+    modules = [gm if form == "dense" else lowered_copy(gm, form, **dict(options)) for form, options in candidates]
     sessions = {}
-    for key in candidates:
-        form, options = key
-        module = gm if form == "dense" else lowered_copy(gm, form, **dict(options))
-        session = ort_session(onnx_bytes(module, x))
-        out = torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
+    for key, session in zip(candidates, exported_sessions(modules, x, threads)):
+        out = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
         err = float((out - reference).abs().max() / reference.abs().max())
         if err > 1e-4:
             raise AssertionError(f"{key}: ORT output differs from torch (relative error {err:.2e})")
@@ -314,34 +308,35 @@ def fit_coefficients(rows: list[tuple[dict, float]]) -> dict:
     return {k: float(c / s) for k, c, s in zip(WORK_KINDS, coef, scale)}
 
 
-def calibrate(cache=DEFAULT_CACHE, shapes=CALIBRATION_SHAPES, rounds: int = 40, seed: int = 0,
-              verbose: bool = False) -> RuntimeModel:
+def calibrate(cache="default", shapes=CALIBRATION_SHAPES, rounds: int = 20, seed: int = 0,
+              threads: int = 2, progress: bool = True) -> RuntimeModel:
     """Time dense and every lowering on representative conv shapes in ORT, fit a RuntimeModel, cache it.
 
-    Uses both mask protocols of ``swpfx.masks`` on each shape (about a minute on
-    2 cores). ``cache=None`` skips writing the JSON file.
+    Each shape is tried with both mask protocols of ``swpfx.masks``; every
+    candidate is exported with ``swpfx.export_onnx`` and timed in a session of
+    :func:`swpfx.export.ort_session` (thread spinning off), interleaved. About
+    two minutes on 2 cores. ``cache="default"`` writes :func:`cache_path`;
+    ``None`` writes nothing.
 
     >>> model = calibrate(cache=None, shapes=[(64, 64, 3, 1, 1, 14)], rounds=3)  # doctest: +SKIP
     """
     from swpfx.masks import random_stripe_mask, structured_stripe_mask
+    from swpfx.progress import progress_bar
 
-    torch.set_num_threads(2)
     generator = torch.Generator().manual_seed(seed)
     rows = []
-    for c_in, c_out, k, stride, padding, hw in shapes:
-        for make in (random_stripe_mask, structured_stripe_mask):
-            mask = make(c_out, k, k, generator=generator)
-            mask = mask[mask.flatten(1).any(1)]
-            gm, x = stripe_conv_module(c_in, mask, k, stride, padding, hw, seed)
-            geometry = ConvGeometry.of(gm.get_submodule("0"), x.shape)
-            work = candidate_work(geometry, mask, supported_forms(geometry))
-            times = measure_candidates(gm, x, list(work), rounds=rounds)
-            rows.extend((work[key], times[key]) for key in work)
-            if verbose:
-                print(c_in, c_out, hw, make.__name__, {f"{key[0]}{dict(key[1]).get('min_group', '')}": round(t * 1e3, 3)
-                                                       for key, t in times.items()})
-    model = RuntimeModel(coefficients=fit_coefficients(rows), source="calibrated")
+    jobs = [(shape, make) for shape in shapes for make in (random_stripe_mask, structured_stripe_mask)]
+    for (c_in, c_out, k, stride, padding, hw), make in progress_bar(jobs, "calibrating ORT", progress):
+        mask = make(c_out, k, k, generator=generator)
+        mask = mask[mask.flatten(1).any(1)]
+        gm, x = stripe_conv_module(c_in, mask, k, stride, padding, hw, seed)
+        geometry = ConvGeometry.of(gm.get_submodule("0"), x.shape)
+        work = candidate_work(geometry, mask, supported_forms(geometry))
+        times = measure_candidates(gm, x, list(work), rounds=rounds, threads=threads)
+        rows.extend((work[key], times[key]) for key in work)
+    model = RuntimeModel(coefficients=fit_coefficients(rows), source="calibrated", machine=machine_key())
     if cache is not None:
-        model.save(cache)
-        model.source = str(cache)
+        path = cache_path() if cache == "default" else Path(cache)
+        model.save(path)
+        model.source = str(path)
     return model

@@ -69,3 +69,49 @@ def ort_latency_ms(paths: dict, x: torch.Tensor, rounds: int = 100, warmup: int 
     """
     sessions = {name: ort_session(path, threads) for name, path in paths.items()}
     return {name: 1e3 * t for name, t in time_sessions(sessions, x, rounds=rounds, warmup=warmup).items()}
+
+
+def latencies(models: dict, example_inputs, threads: int = 2, rounds: int = 50, warmup: int = 5,
+              blocks: int = 3) -> dict[str, float]:
+    """Measured ONNX Runtime milliseconds per run of each model on ``example_inputs``, timed side by side.
+
+    Each value is an ``nn.Module`` (exported with ``swpfx.export_onnx`` and verified
+    against torch) or the path of an ONNX file. Sessions come from
+    :func:`swpfx.export.ort_session` (``threads`` intra-op threads, spinning off);
+    runs are interleaved (:func:`interleaved_medians`, ``blocks`` blocks of
+    ``rounds`` rounds).
+    """
+    import tempfile
+    from pathlib import Path
+
+    from torch import nn
+
+    from swpfx.export import export_onnx
+    from swpfx.tracing import normalize_example_inputs
+
+    inputs = normalize_example_inputs(example_inputs)
+    with tempfile.TemporaryDirectory() as directory:
+        sessions = {}
+        for i, (name, model) in enumerate(models.items()):
+            path = model
+            if isinstance(model, nn.Module):
+                path = export_onnx(model, inputs, Path(directory) / f"model{i}.onnx").path
+            sessions[name] = ort_session(path, threads)
+        feeds = {}
+        for name, session in sessions.items():
+            feeds[name] = {i.name: x.detach().cpu().numpy() for i, x in zip(session.get_inputs(), inputs)}
+        runners = {name: (lambda s=sessions[name], f=feeds[name]: s.run(None, f)) for name in sessions}
+        seconds = interleaved_medians(runners, rounds=rounds, warmup=warmup, blocks=blocks)
+    return {name: 1e3 * t for name, t in seconds.items()}
+
+
+def latency(model_or_onnx, example_inputs, threads: int = 2, rounds: int = 50) -> float:
+    """Measured ONNX Runtime milliseconds per run of one model (see :func:`latencies`).
+
+    Example:
+        >>> import torch, swpfx
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU())
+        >>> swpfx.latency(model, (torch.randn(1, 3, 32, 32),), rounds=5) > 0
+        True
+    """
+    return latencies({"model": model_or_onnx}, example_inputs, threads=threads, rounds=rounds)["model"]

@@ -13,13 +13,14 @@ BatchNorm (random running stats and affine params via ``randomize``); ReLU,
 Hardswish, functional relu, identity; max/avg pooling (also 3×3 with padding);
 squeeze-excite (channel-wise product), ShuffleNet split/concat/shuffle (pinned
 channels), layer scale with a constant shift, one conv applied twice (shared
-weights and skeleton), channel slicing and nearest upsampling; a pooled (module
-or ``mean``) Linear head or
+weights and skeleton), one conv unit called on two inputs (the halves of a split,
+siamese, or the block input and another unit's output) merged by add or concat,
+channel slicing and nearest upsampling; a pooled (module or ``mean``) Linear head or
 flatten -> Linear over the remaining spatial extent. Channel counts are random
 (1-16), so the group count is whichever divisor the counts allow;
 :func:`grouped_net_specs` draws nets whose convs alternate between dense and
 grouped ones with a fixed group count (1×1 -> grouped K×K blocks, ResNeXt style,
-plain and residual).
+plain and residual); :func:`shared_net_specs` nets that all call one conv twice.
 
 Example:
     >>> from hypothesis import given, settings
@@ -133,6 +134,16 @@ class SharedSpec:
 
 
 @dataclass(frozen=True)
+class ReusedSpec:
+    """One conv unit (one module, one skeleton) called on two inputs, merged by ``merge`` ("add" or "cat"):
+    the two halves of x (siamese; ``pre`` is None) or x and ``pre(x)``."""
+
+    unit: UnitSpec
+    pre: UnitSpec | None
+    merge: str
+
+
+@dataclass(frozen=True)
 class SliceSpec:
     """x[:, start:] (a channel-dim getitem) and, optionally, nearest 2× upsampling."""
 
@@ -208,7 +219,7 @@ def conv_specs(draw, in_channels: int, height: int, width: int, out_channels: in
         if out_channels % in_channels:
             kind = "dense"
     if out_channels is None and kind == "grouped" and in_channels > 1:
-        g = draw(st.sampled_from([d for d in divisors(in_channels) if d > 1]))
+        g = draw(st.sampled_from([d for d in divisors(in_channels) if 1 < d <= MAX_CHANNELS]))
         out_channels = g * draw(st.integers(1, MAX_CHANNELS // g))
     if out_channels is None:
         out_channels = draw(st.integers(1, MAX_CHANNELS))
@@ -312,10 +323,42 @@ def concat_specs(draw, channels, height, width):
 
 
 @st.composite
+def reused_specs(draw, channels, height, width):
+    """One unit called on the halves of x (if ``channels`` is even, drawn) or on x and ``pre(x)``; keeps the size."""
+    pre = None
+    if channels % 2 or not draw(st.booleans()):
+        pre, _ = draw(unit_specs(channels, height, width, channels, keep_size=True))
+    unit, _ = draw(unit_specs(channels if pre else channels // 2, height, width, keep_size=True))
+    merge = draw(st.sampled_from(("add", "cat")))
+    return ReusedSpec(unit, pre, merge), unit.conv.out_channels * (2 if merge == "cat" else 1)
+
+
+@st.composite
+def shared_net_specs(draw):
+    """A stem unit, a block calling one conv unit twice (:class:`ReusedSpec` or :class:`SharedSpec`),
+    maybe a chain, and a head: every net has a shared conv."""
+    height, width = draw(st.integers(8, 12)), draw(st.integers(8, 12))
+    in_channels = draw(st.integers(1, 3))
+    stem, size = draw(unit_specs(in_channels, height, width, draw(st.integers(2, MAX_CHANNELS)), kind="dense"))
+    blocks, c = [ChainSpec((stem,))], stem.conv.out_channels
+    if draw(st.booleans()):
+        block, c = draw(reused_specs(c, *size))
+    else:
+        unit, _ = draw(unit_specs(c, *size, c, keep_size=True))
+        block = SharedSpec(unit)
+    blocks.append(block)
+    if draw(st.booleans()):
+        chain, c, size = draw(chain_specs(c, *size))
+        blocks.append(chain)
+    head = "flatten" if c * size[0] * size[1] <= 1024 and draw(st.booleans()) else draw(st.sampled_from(("pool", "mean")))
+    return NetSpec(in_channels, height, width, tuple(blocks), head, draw(st.integers(1, 4)))
+
+
+@st.composite
 def net_specs(draw, max_blocks: int = 4):
     """A random CNN (see the module docstring); inputs are 8-16 px, channels at most 16 (48 after concats)."""
     in_channels = draw(st.integers(1, 4))
-    kinds = ("chain", "chain", "residual", "concat", "pool", "se", "shuffle", "scale", "shared", "slice")
+    kinds = ("chain", "chain", "residual", "concat", "pool", "se", "shuffle", "scale", "shared", "reused", "slice")
     height, width = draw(st.integers(8, 16)), draw(st.integers(8, 16))
     if draw(st.booleans()):
         width = height
@@ -339,6 +382,10 @@ def net_specs(draw, max_blocks: int = 4):
         if kind == "shared":
             unit, _ = draw(unit_specs(c, *size, c, keep_size=True))
             blocks.append(SharedSpec(unit))
+            continue
+        if kind == "reused":
+            block, c = draw(reused_specs(c, *size))
+            blocks.append(block)
             continue
         if kind == "slice" and c >= 2:
             upsample = max(size) <= 8 and draw(st.booleans())
@@ -492,6 +539,19 @@ class Shared(nn.Module):
         return self.unit(self.unit(x))
 
 
+class Reused(nn.Module):
+    def __init__(self, spec: ReusedSpec):
+        super().__init__()
+        self.unit = Unit(spec.unit)
+        self.pre = Unit(spec.pre) if spec.pre else None
+        self.merge = spec.merge
+
+    def forward(self, x):
+        a, b = x.chunk(2, dim=1) if self.pre is None else (x, self.pre(x))
+        a, b = self.unit(a), self.unit(b)
+        return a + b if self.merge == "add" else torch.cat([a, b], 1)
+
+
 class Slice(nn.Module):
     def __init__(self, spec: SliceSpec):
         super().__init__()
@@ -521,6 +581,8 @@ def block_module(spec) -> nn.Module:
         return Scale(spec)
     if isinstance(spec, SharedSpec):
         return Shared(spec)
+    if isinstance(spec, ReusedSpec):
+        return Reused(spec)
     if isinstance(spec, SliceSpec):
         return Slice(spec)
     raise TypeError(f"unknown block spec {spec!r}")

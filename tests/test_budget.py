@@ -83,3 +83,99 @@ def test_unreachable_target_is_a_clear_error(prepared_and_input):
 def test_bad_targets_are_rejected(prepared_and_input, bad):
     with pytest.raises(ValueError, match="flops_target"):
         convert(prepared_and_input[0], flops_target=bad)
+
+
+# ---------------------------------------------------------------- latency_target
+
+from swpfx.budget import masks_for_latency_target, snapped_ladders  # noqa: E402
+from swpfx.estimate import ConversionEstimate, predict_graph  # noqa: E402
+from swpfx.runtime_model import RuntimeModel  # noqa: E402
+
+from tests.helpers import masked_reference  # noqa: E402
+
+RUNTIME_MODEL = RuntimeModel()
+
+
+@pytest.fixture(scope="module")
+def resnet_prepared():
+    g = torch.Generator().manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_mean.uniform_(-1, 1, generator=g)
+                m.running_var.uniform_(0.5, 2, generator=g)
+                m.bias.uniform_(-1, 1, generator=g)
+    x = torch.randn(1, 3, 64, 64, generator=g)
+    prepared = swpfx.prepare(model, (x,)).eval()
+    with torch.no_grad():
+        for s in swpfx.skeletons(prepared).values():
+            s.copy_(torch.rand(s.shape, generator=g))
+    return prepared, x
+
+
+@pytest.mark.parametrize("target", [0.7, 0.45])
+def test_latency_target_is_met_on_the_runtime_models_prediction(resnet_prepared, target):
+    prepared, x = resnet_prepared
+    deployed = convert(prepared, latency_target=target, runtime_model=RUNTIME_MODEL)
+    cut = deployed.meta["swpfx"]["cut"]
+    dense = ConversionEstimate(prepared, (x,), "auto", 16, RUNTIME_MODEL).estimate(
+        {n: torch.ones_like(s, dtype=torch.bool) for n, s in swpfx.skeletons(prepared).items()}).seconds
+    predicted = predict_graph(deployed, RUNTIME_MODEL)
+    assert predicted / dense <= target
+    assert predicted / dense == pytest.approx(cut["latency_ratio"], rel=1e-9)
+    assert cut["granularity"] in cut["candidates"] and cut["candidates"][cut["granularity"]]["meets_target"]
+    # the winner keeps at least as much importance as removing filters alone would
+    assert cut["candidates"][cut["granularity"]]["kept_importance"] >= cut["candidates"]["filter"]["kept_importance"]
+    assert len(cut["decisions"]) == 20 and swpfx.cut_table(deployed).count("\n") == 21
+
+
+def test_latency_target_stays_exact(resnet_prepared):
+    prepared, x = resnet_prepared
+    deployed = convert(prepared, latency_target=0.5, runtime_model=RUNTIME_MODEL)
+    chosen, _ = masks_for_latency_target(prepared, 0.5, "auto", (x,), RUNTIME_MODEL, 16)
+    reference = masked_reference(prepared, threshold=-1.0)  # nothing zeroed by threshold: apply the cut's masks
+    with torch.no_grad():
+        for name, s in swpfx.skeletons(reference).items():
+            s.mul_(chosen[name].to(s.dtype))
+    y = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(deployed(y), reference(y), atol=1e-4, rtol=1e-4)
+    deployed.graph.lint()
+
+
+@pytest.mark.parametrize("bad", [0, 1.5, -0.2, float("nan"), True])
+def test_bad_latency_targets_are_rejected(resnet_prepared, bad):
+    with pytest.raises(ValueError, match="latency_target must be a fraction"):
+        convert(resnet_prepared[0], latency_target=bad, runtime_model=RUNTIME_MODEL)
+
+
+def test_unreachable_latency_target_names_the_closest_reachable_value(resnet_prepared):
+    with pytest.raises(ValueError, match=r"not reachable.*closest reachable value is 0\.\d+"):
+        convert(resnet_prepared[0], latency_target=0.01, runtime_model=RUNTIME_MODEL)
+
+
+def test_latency_target_excludes_the_other_cuts(resnet_prepared):
+    for other in ({"flops_target": 0.5}, {"threshold": 0.1}):
+        with pytest.raises(ValueError, match="mutually exclusive"):
+            convert(resnet_prepared[0], latency_target=0.5, runtime_model=RUNTIME_MODEL, **other)
+    with pytest.raises(ValueError, match="lowering='auto'"):
+        convert(resnet_prepared[0], latency_target=0.5, lowering="never")
+
+
+def test_snapped_ladders_keep_each_filters_steps_in_order():
+    scores = torch.rand(16, 3, 3, generator=torch.Generator().manual_seed(0))
+    step, step_scores = snapped_ladders(scores)
+    assert bool((step_scores[:, 1:] >= step_scores[:, :-1]).all())
+    assert bool((step[:, 1, 1] == 2).all()) and int((step == 1).sum()) == 16 * 2
+    kept_after_first = step >= 1  # a 1×3 or 3×1 line through the centre
+    rows, cols = kept_after_first.any(2).sum(1), kept_after_first.any(1).sum(1)
+    assert bool(((rows == 1) | (cols == 1)).all())
+
+
+def test_snapped_order_prunes_filters_into_lines_then_centres(prepared_and_input):
+    prepared, _ = prepared_and_input
+    ranks, always, units = pruning_order(prepared, "snapped")
+    for count in (units // 3, 2 * units // 3):
+        for mask in masks_pruning(ranks, always, count).values():
+            kept = mask.flatten(1).sum(1)
+            assert set(kept.tolist()) <= {0, 1, 3, 9}

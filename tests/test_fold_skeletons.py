@@ -52,7 +52,7 @@ def test_fold_equals_masked_prepared_model_with_all_conv_options():
         for s in skels.values():
             s.masked_fill_(s.abs() <= 0.4, 0.0)
         expected = prepared(x)
-        folded = fold_skeletons(prepared, masks)
+        folded = fold_skeletons(prepared, masks).graph_module
         actual = folded(x)
     assert relative_error(actual, expected) <= 1e-6
     folded.graph.lint()
@@ -71,3 +71,30 @@ def test_mask_of_wrong_shape_is_an_error_naming_the_pass():
     masks["layer1.0.conv1"] = masks["layer1.0.conv1"][:10]
     with pytest.raises(PassError, match="fold_skeletons.*layer1.0.conv1"):
         fold_skeletons(prepared, masks)
+
+
+def test_a_conv_called_twice_stays_one_module():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(torch.relu(self.conv(x)))
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    prepared = swpfx.prepare(Twice().eval(), (x,)).eval()
+    skels = randomize_skeletons_(prepared, g, low=0.0, high=1.0)
+    with torch.no_grad():
+        masks = stripe_masks(skels, 0.4)
+        for s in skels.values():
+            s.masked_fill_(s.abs() <= 0.4, 0.0)
+        expected = prepared(x)
+        folded = fold_skeletons(prepared, masks).graph_module
+        actual = folded(x)
+    folded.graph.lint()
+    assert relative_error(actual, expected) <= 1e-6
+    convs = [n for n in folded.graph.nodes if n.op == "call_module"]
+    assert [n.target for n in convs] == ["conv", "conv"]
+    assert sum(isinstance(m, nn.Conv2d) for m in folded.modules()) == 1

@@ -4,7 +4,8 @@ For every generated model:
 - ``prepare`` is exact at initialisation;
 - ``convert`` with random skeletons (random / structured stripe masks, dead
   filters, whole dead convs, untouched convs) equals the masked prepared model
-  (relative error <= 1e-4) with ``lowering="never"`` and ``"always"``;
+  (relative error <= 1e-4) with ``lowering="never"`` and ``"always"``; with
+  ``"never"`` a conv called more than once is still one module;
 - ``export_onnx`` of the converted model matches in ONNX Runtime (<= 1e-4).
 
 A model the library cannot handle may be refused, but only with
@@ -142,6 +143,18 @@ def check_convert_exact(spec, seed: int, lowering_modes, outcomes: list) -> None
         assert err <= TOL, f"convert(lowering={lowering!r}) not exact: relative error {err:.2e}"
         if lowering == "never":
             assert not any(isinstance(p, torch.nn.Parameter) and "skeleton" in n for n, p in deployed.named_parameters())
+            assert_shared_convs_stay_shared(deployed)
+
+
+def assert_shared_convs_stay_shared(deployed) -> None:
+    """Every source conv (a conv called twice has one skeleton) runs one module at all its calls."""
+    paths: dict[str, set[str]] = {}
+    for node in deployed.graph.nodes:
+        meta = node.meta.get("swpfx", {})
+        if node.op == "call_module" and meta.get("role") == "conv":
+            paths.setdefault(meta["conv"], set()).add(node.target)
+    duplicated = {conv: p for conv, p in paths.items() if len(p) > 1}
+    assert not duplicated, f"shared convs duplicated: {duplicated}"
 
 
 def run_property(examples: int, lowering_modes, nightly: bool = False) -> list:
@@ -168,7 +181,7 @@ def assert_refusals_rare(outcomes: list) -> None:
 
 
 def features_of(model: torch.nn.Module, spec) -> set[str]:
-    from random_cnns import Concat, Residual, Scale, Shared, Shuffle, Slice, SqueezeExcite
+    from random_cnns import Concat, Residual, Reused, Scale, Shared, Shuffle, Slice, SqueezeExcite
 
     found = {f"head:{spec.head}"}
     for m in model.modules():
@@ -183,10 +196,12 @@ def features_of(model: torch.nn.Module, spec) -> set[str]:
                 found.add("conv:depthwise" if m.groups == m.in_channels else "conv:grouped")
             if m.in_channels % 2 and m.out_channels % 3 == 0 and m.groups == 1:
                 found.add("channels:odd")
-        for cls in (Concat, Residual, Scale, Shared, Shuffle, Slice, SqueezeExcite, torch.nn.BatchNorm2d, torch.nn.Hardswish,
-                    torch.nn.ReLU, torch.nn.MaxPool2d, torch.nn.AvgPool2d):
+        for cls in (Concat, Residual, Reused, Scale, Shared, Shuffle, Slice, SqueezeExcite, torch.nn.BatchNorm2d,
+                    torch.nn.Hardswish, torch.nn.ReLU, torch.nn.MaxPool2d, torch.nn.AvgPool2d):
             if isinstance(m, cls):
                 found.add(cls.__name__)
+        if isinstance(m, Reused):
+            found.add("Reused:siamese" if m.pre is None else "Reused:two-inputs")
     return found
 
 
@@ -210,7 +225,7 @@ def test_generator_covers_every_feature():
         "kernel:non-square", "bias:True", "bias:False", "conv:depthwise", "conv:grouped", "channels:odd",
         *(f"padding_mode:{m}" for m in ("zeros", "reflect", "replicate", "circular")),
         "head:pool", "head:mean", "head:flatten", "Concat", "Residual", "Scale", "Shared", "Shuffle", "Slice",
-        "SqueezeExcite", "BatchNorm2d",
+        "SqueezeExcite", "BatchNorm2d", "Reused", "Reused:siamese", "Reused:two-inputs",
         "Hardswish", "ReLU", "MaxPool2d", "AvgPool2d",
     }
     assert expected <= seen, f"never generated: {sorted(expected - seen)}"

@@ -83,3 +83,22 @@ def test_unknown_node_name_is_a_key_error():
     gm = trace(Chain().eval())
     with pytest.raises(KeyError, match="nope"):
         remove_channels(gm, (torch.randn(1, 3, 8, 8),), {"nope": [0]})
+
+
+def test_batchnorm1d_after_flatten_keeps_the_columns_of_kept_channels():
+    """flatten -> BatchNorm1d -> Linear: the BN is sliced by columns (H·W per channel), not by channels."""
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.BatchNorm1d(16),
+                          nn.Linear(16, 2)).eval()
+    randomize_batchnorm_(model, g)
+    with torch.no_grad():
+        model[0].weight[1] = 0.0
+        model[0].bias[1] = 0.0
+    x = torch.randn(2, 3, 8, 8, generator=g)
+    gm = trace(model)
+    result = remove_channels(gm, (x,), {"_0": [1]}, fold_constants=True, strict=True)
+    gm.graph.lint()
+    assert result.removed == {"_0": 1}
+    assert gm.get_submodule("4").num_features == 12 and gm.get_submodule("5").in_features == 12
+    with torch.no_grad():
+        assert relative_error(gm(x), model(x)) <= 1e-5

@@ -100,10 +100,12 @@ def test_matches_masked_conv2d(c, o, h, w, k, stride, kind, with_bias, generator
         assert relative_error(y, expected) <= REL_TOL
 
 
-@pytest.mark.parametrize("block, pv, groups, chunk, tiles", [
+@pytest.mark.parametrize("block, pv, groups, chunk, bands", [
     (1, 1, 1, 1, 1), (3, 2, 2, 7, 3), (6, 4, 3, 64, 1), (None, None, 5, 16, 2), (None, 3, 64, None, 8),
+    (None, None, 2, None, 19),  # one band per output row
 ])
-def test_tuning_knobs_do_not_change_the_result(block, pv, groups, chunk, tiles, generator):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_tuning_knobs_do_not_change_the_result(block, pv, groups, chunk, bands, threads, generator):
     info = stripe_conv.kernel_info()
     if block is not None and block > info["max_f"] or pv is not None and pv > info["max_pv"]:
         pytest.skip("knob outside this build's range")
@@ -112,10 +114,13 @@ def test_tuning_knobs_do_not_change_the_result(block, pv, groups, chunk, tiles, 
     x = torch.randn(1, 24, 19, 17, generator=generator)
     bias = torch.randn(40, generator=generator)
     packed = stripe_conv.pack_weights(weight, mask, block=block)
+    default = stripe_conv.stripe_conv2d(x, packed, bias, threads=threads)
     for stride in (1, 2):
         y = stripe_conv.stripe_conv2d(x, packed, bias, stride=stride, pv=pv, groups=groups, channel_chunk=chunk,
-                                      tiles_per_item=tiles)
+                                      bands=bands, threads=threads)
         assert relative_error(y, reference(x, weight, mask, bias, stride, 1)) <= REL_TOL
+    y = stripe_conv.stripe_conv2d(x, packed, bias, pv=pv, groups=groups, bands=bands, threads=threads)
+    assert torch.equal(y, default)  # the partition never changes the summation order
 
 
 def test_threads_batch_residual_relu_and_numpy(generator):
@@ -150,6 +155,118 @@ def test_other_paddings_and_strides(padding, stride, size, generator):
     assert relative_error(y, reference(x, weight, mask, None, stride, padding)) <= REL_TOL
 
 
+@pytest.mark.parametrize("dilation, stride, padding", [
+    (2, 1, 2), (2, 2, 2), (3, 1, 3), ((2, 1), 1, (2, 1)), ((1, 3), 2, (0, 3)), (2, 1, 0), (2, 3, 1), (4, 2, 4),
+])
+@pytest.mark.parametrize("kind", ["random", "mixed"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_dilation(dilation, stride, padding, kind, threads, generator):
+    weight = torch.randn(20, 9, 3, 3, generator=generator)
+    mask = make_mask(kind, 20, 3, 3, generator)
+    bias = torch.randn(20, generator=generator)
+    x = torch.randn(1, 9, 17, 15, generator=generator)
+    y = stripe_conv.stripe_conv2d(x, stripe_conv.pack_weights(weight, mask), bias, stride=stride, padding=padding,
+                                  dilation=dilation, threads=threads)
+    expected = F.conv2d(x, weight * mask[:, None], bias, stride=stride, padding=padding, dilation=dilation)
+    assert y.shape == expected.shape
+    assert relative_error(y, expected) <= REL_TOL
+
+
+def test_random_geometries(generator):
+    """Seeded random shapes x stride x padding x dilation x kernel size x threads, all against F.conv2d."""
+    rng = np.random.default_rng(7)
+    for _ in range(40):
+        kh, kw = int(rng.integers(1, 6)), int(rng.integers(1, 6))
+        sh, sw = int(rng.integers(1, 4)), int(rng.integers(1, 4))
+        dh, dw = int(rng.integers(1, 4)), int(rng.integers(1, 4))
+        ph, pw = int(rng.integers(0, 4)), int(rng.integers(0, 4))
+        h = int(rng.integers(max(1, dh * (kh - 1) + 1 - 2 * ph), 40))
+        w = int(rng.integers(max(1, dw * (kw - 1) + 1 - 2 * pw), 40))
+        c, o = int(rng.integers(1, 20)), int(rng.integers(1, 40))
+        weight = torch.randn(o, c, kh, kw, generator=generator)
+        mask = make_mask(["random", "mixed", "single_tap", "full"][int(rng.integers(0, 4))], o, kh, kw, generator)
+        bias = torch.randn(o, generator=generator)
+        x = torch.randn(1, c, h, w, generator=generator)
+        expected = F.conv2d(x, weight * mask[:, None], bias, stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw))
+        y = stripe_conv.stripe_conv2d(x, stripe_conv.pack_weights(weight, mask), bias, stride=(sh, sw),
+                                      padding=(ph, pw), dilation=(dh, dw), threads=int(rng.integers(1, 4)))
+        assert y.shape == expected.shape
+        assert relative_error(y, expected) <= REL_TOL, (c, o, h, w, kh, kw, sh, sw, ph, pw, dh, dw)
+
+
+def test_default_padding_follows_dilation(generator):
+    weight = torch.randn(8, 4, 3, 5, generator=generator)
+    mask = make_mask("random", 8, 3, 5, generator)
+    x = torch.randn(1, 4, 12, 13, generator=generator)
+    y = stripe_conv.stripe_conv2d(x, stripe_conv.pack_weights(weight, mask), dilation=2)
+    expected = F.conv2d(x, weight * mask[:, None], padding=(2, 4), dilation=2)
+    assert relative_error(y, expected) <= REL_TOL
+
+
+@pytest.mark.parametrize("c, o, size, stride", [(64, 64, 56, 1), (128, 128, 28, 1), (256, 256, 14, 1),
+                                                (512, 512, 7, 1), (128, 256, 28, 2)])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_resnet_shapes_and_partitions(c, o, size, stride, threads, generator):
+    """The benchmark's shapes, on the partitions the cost model picks for 1-3 threads, and forced ones."""
+    weight = torch.randn(o, c, 3, 3, generator=generator) * 0.05
+    mask = make_mask("random", o, 3, 3, generator)
+    bias = torch.randn(o, generator=generator)
+    x = torch.randn(1, c, size, size, generator=generator)
+    packed = stripe_conv.pack_weights(weight, mask)
+    expected = reference(x, weight, mask, bias, stride, 1)
+    y = stripe_conv.stripe_conv2d(x, packed, bias, stride=stride, threads=threads)
+    assert relative_error(y, expected) <= REL_TOL
+    ho = expected.shape[-1]
+    y2 = stripe_conv.stripe_conv2d(x, packed, bias, stride=stride, threads=threads, bands=min(ho, 2 * threads + 1),
+                                   groups=3)
+    assert torch.equal(y, y2)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_dense_and_padded_rows_agree(threads, generator, monkeypatch):
+    """Same-padding convs pack dense rows (edge taps masked); forcing padded rows gives identical outputs."""
+    weight = torch.randn(24, 12, 3, 3, generator=generator)
+    mask = make_mask("mixed", 24, 3, 3, generator)
+    bias = torch.randn(24, generator=generator)
+    x = torch.randn(1, 12, 13, 11, generator=generator)
+    results = {}
+    for padded in ("0", "1"):
+        monkeypatch.setenv("SWPFX_KERNEL_PADDED_ROWS", padded)
+        packed = stripe_conv.pack_weights(weight, mask)  # fresh plans
+        for stride, dilation in ((1, 1), (2, 1), (1, 2), (2, 2)):
+            pad = dilation
+            results[padded, stride, dilation] = stripe_conv.stripe_conv2d(
+                x, packed, bias, stride=stride, padding=pad, dilation=dilation, threads=threads)
+            plan = next(iter(p for k, p in packed._plans.items() if k[5] == stride and k[9] == dilation))
+            assert plan.dense_rows == (padded == "0" and stripe_conv.kernel_info()["vector_width"] >= 8)
+    for (padded, stride, dilation), y in results.items():
+        expected = reference_dilated(x, weight, mask, bias, stride, dilation, dilation)
+        assert relative_error(y, expected) <= REL_TOL
+        assert torch.equal(y, results["0", stride, dilation])
+    packed = stripe_conv.pack_weights(weight, mask)
+    stripe_conv.stripe_conv2d(x, packed, bias, padding=0)  # "valid": real columns do not fit in Wo
+    assert not next(iter(packed._plans.values())).dense_rows
+
+
+def reference_dilated(x, weight, mask, bias, stride, padding, dilation):
+    return F.conv2d(x, weight * mask[:, None], bias, stride=stride, padding=padding, dilation=dilation)
+
+
+def test_partition_covers_rows_and_filters(generator):
+    mask = make_mask("random", 64, 3, 3, generator)
+    packed = stripe_conv.pack_weights(torch.randn(64, 32, 3, 3, generator=generator), mask)
+    info = stripe_conv.kernel_info()
+    for size in (56, 14, 7, 1):
+        for threads in (1, 2, 4):
+            part = stripe_conv.partition(packed, (32, size, size, 3, 3, 1, 1, 1, 1, 1, 1), threads, 2,
+                                         info["vector_width"])
+            assert part.band_rows[0] == 0 and part.band_rows[-1] == size
+            assert all(b > a for a, b in zip(part.band_rows, part.band_rows[1:]))
+            assert 1 <= part.groups <= 64 and len(part.channel_chunks) == part.groups
+            bounds = packed.group_bounds(part.groups, part.align)
+            assert bounds[0] == 0 and bounds[-1] == 64 and np.all(np.diff(bounds) > 0)
+
+
 def test_rectangular_kernel(generator):
     weight = torch.randn(12, 5, 3, 5, generator=generator)
     mask = make_mask("mixed", 12, 3, 5, generator)
@@ -157,6 +274,32 @@ def test_rectangular_kernel(generator):
     for stride in (1, 2):
         y = stripe_conv.stripe_conv2d(x, stripe_conv.pack_weights(weight, mask), stride=stride)
         assert relative_error(y, reference(x, weight, mask, None, stride, (1, 2))) <= REL_TOL
+
+
+def test_concurrent_callers_and_many_calls(generator):
+    """Two Python threads calling at once (one gets the pool, the other runs alone), many short calls."""
+    import threading
+
+    weight = torch.randn(24, 16, 3, 3, generator=generator)
+    mask = make_mask("random", 24, 3, 3, generator)
+    packed = stripe_conv.pack_weights(weight, mask)
+    xs = [torch.randn(1, 16, s, s, generator=generator) for s in (5, 9, 14)]
+    expected = [stripe_conv.stripe_conv2d(x, packed, threads=1) for x in xs]
+    failures = []
+
+    def worker(seed):
+        for i in range(150):
+            k = (i + seed) % len(xs)
+            y = stripe_conv.stripe_conv2d(xs[k], packed, threads=2)
+            if not torch.equal(y, expected[k]):
+                failures.append((seed, i))
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures
 
 
 def test_packing_counts(generator):
@@ -179,6 +322,10 @@ def test_bad_arguments_are_refused(generator):
         stripe_conv.stripe_conv2d(torch.randn(1, 3, 8, 8), packed, bias=torch.zeros(5))
     with pytest.raises(ValueError, match="too small"):
         stripe_conv.stripe_conv2d(torch.randn(1, 3, 1, 1), packed, padding=0)
+    with pytest.raises(ValueError, match="too small"):
+        stripe_conv.stripe_conv2d(torch.randn(1, 3, 4, 4), packed, padding=0, dilation=2)
+    with pytest.raises(ValueError, match="dilation"):
+        stripe_conv.stripe_conv2d(torch.randn(1, 3, 8, 8), packed, dilation=0)
 
 
 def test_docstring_examples():

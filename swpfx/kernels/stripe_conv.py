@@ -5,14 +5,26 @@ with the system compiler (``$CXX`` or ``g++``; ``-O3 -march=native -pthread``)
 into a cache directory keyed by the source, the flags, the compiler version and
 the CPU's feature flags (``$SWPFX_KERNEL_CACHE``, default
 ``~/.cache/swpfx/kernels``), then loaded with :mod:`ctypes`. The vector width
-follows the CPU it is built on: AVX-512, AVX2+FMA, or portable vector code.
-Threads come from a small pool inside the library (the caller plus workers that
-sleep when idle), not from OpenMP: libgomp's default spin-waiting, shared with
-torch's OpenMP runtime, made 2-thread calls 30x slower on a busy machine.
+follows the CPU it is built on (detected by the compiler, never assumed):
+AVX-512, AVX2+FMA, or portable vector code.
 
-``stripe_conv2d(x, pack_weights(weight, mask), bias, stride, padding)`` equals
-``F.conv2d(x, weight * mask[:, None], bias, stride, padding)`` (float32, to
-rounding) while doing only the kept stripes' multiply-adds.
+Threads come from a small pool inside the library (the caller plus workers that
+spin briefly after a call, then sleep), not from OpenMP: libgomp's default
+spin-waiting, shared with torch's OpenMP runtime, made 2-thread calls 30x slower
+on a busy machine. The output is partitioned into row bands x filter groups
+(:func:`partition`); each thread packs only the input rows of its own bands into
+its own buffer and stores its own outputs, so threads share no accumulator, no
+input copy and no barrier. With "same"-style padding the packed rows hold only
+the real input columns and the taps that reach into the padding mask those
+lanes, so no output is computed and discarded (``SWPFX_KERNEL_PADDED_ROWS=1``
+stores the padding instead, as for other paddings). On Linux the workers are pinned to CPUs other than
+the caller's (``SWPFX_KERNEL_PIN=0`` turns that off; ``SWPFX_KERNEL_SPIN_US``
+sets the spin time, default 100).
+
+``stripe_conv2d(x, pack_weights(weight, mask), bias, stride, padding, dilation)``
+equals ``F.conv2d(x, weight * mask[:, None], bias, stride, padding, dilation)``
+(float32, to rounding) while doing only the kept stripes' multiply-adds. Zero
+padding only (ints or pairs); no groups.
 
 Example:
     >>> import torch
@@ -51,7 +63,7 @@ SOURCE = Path(__file__).with_name("stripe_conv.cpp")
 BASE_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", "-pthread")
 DEFAULT_THREADS = 2
 
-__all__ = ["is_available", "unavailable_reason", "kernel_info", "pack_weights", "stripe_conv2d",
+__all__ = ["is_available", "unavailable_reason", "kernel_info", "pack_weights", "stripe_conv2d", "partition",
            "StripePackedWeights"]
 
 
@@ -100,18 +112,30 @@ def _compile(cxx: str, flags: tuple[str, ...], target: Path) -> str | None:
 
 def _declare(lib: ctypes.CDLL) -> None:
     i64, c_int, vp = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
-    for name in ("swp_vector_width", "swp_default_pv", "swp_default_f", "swp_max_pv", "swp_max_f"):
+    for name in ("swp_vector_width", "swp_default_pv", "swp_default_f", "swp_max_pv", "swp_max_f",
+                 "swp_max_threads"):
         getattr(lib, name).restype = c_int
         getattr(lib, name).argtypes = []
     lib.swp_isa.restype = ctypes.c_char_p
     lib.swp_isa.argtypes = []
     lib.swp_plan_create.restype = vp
-    lib.swp_plan_create.argtypes = ([i64] * 10 + [vp] * 11 + [i64, c_int, c_int, c_int, c_int,
-                                                               ctypes.POINTER(c_int)])
+    lib.swp_plan_create.argtypes = ([i64] * 12 + [vp] * 11 + [i64, vp, i64, vp, c_int, c_int, ctypes.POINTER(c_int)])
     lib.swp_plan_destroy.restype = None
     lib.swp_plan_destroy.argtypes = [vp]
     lib.swp_plan_run.restype = c_int
     lib.swp_plan_run.argtypes = [vp, vp, i64, vp, vp, vp, c_int]
+    lib.swp_plan_dense.restype = c_int
+    lib.swp_plan_dense.argtypes = [vp]
+    lib.swp_pool_wake.restype = None
+    lib.swp_pool_wake.argtypes = [c_int]
+
+
+def _l2_bytes() -> int:
+    try:
+        text = Path("/sys/devices/system/cpu/cpu0/cache/index2/size").read_text().strip()
+        return int(text[:-1]) * 1024 if text.endswith("K") else int(text)
+    except (OSError, ValueError):
+        return 1 << 20
 
 
 @functools.lru_cache(maxsize=1)
@@ -147,13 +171,14 @@ def _library():
         try:
             lib = ctypes.CDLL(str(target))
             _declare(lib)
-        except OSError as exc:
+        except (OSError, AttributeError) as exc:
             errors.append(f"loading {target}: {exc}")
             continue
         info = {"path": str(target), "compiler": cxx, "compiler_version": version[0] if version else "",
                 "flags": " ".join(flags), "isa": lib.swp_isa().decode(), "vector_width": lib.swp_vector_width(),
-                "threading": "built-in pool (std::thread)", "default_pv": lib.swp_default_pv(),
-                "default_f": lib.swp_default_f(), "max_pv": lib.swp_max_pv(), "max_f": lib.swp_max_f()}
+                "threading": "built-in pool (std::thread; row bands x filter groups, per-thread input packing)",
+                "default_pv": lib.swp_default_pv(), "default_f": lib.swp_default_f(), "max_pv": lib.swp_max_pv(),
+                "max_f": lib.swp_max_f(), "max_threads": lib.swp_max_threads(), "l2_bytes": _l2_bytes()}
         return lib, info
     return None, "building the fused stripe kernel failed: " + " | ".join(errors)
 
@@ -196,24 +221,34 @@ def _addr(a: np.ndarray | None):
     return None if a is None else a.ctypes.data
 
 
-class _Plan:
-    """A compiled-side plan: one input geometry x one table layout; owns the padded-input workspace."""
+def _empty_aligned(shape: tuple[int, ...]) -> np.ndarray:
+    """A float32 array whose data starts on a 64-byte boundary (partition boundaries then fall on cache lines)."""
+    n = int(np.prod(shape))
+    raw = np.empty(n + 16, np.float32)
+    skip = (-raw.ctypes.data % 64) // 4
+    return raw[skip:skip + n].reshape(shape)
 
-    def __init__(self, lib, packed: "StripePackedWeights", key: tuple, tables: dict, pv: int, cc: int, m: int,
-                 threads: int):
-        c, h, w, kh, kw, sh, sw, ph, pw = key
+
+class _Plan:
+    """A compiled-side plan: one input geometry x one partition; holds no per-call state."""
+
+    def __init__(self, lib, packed: "StripePackedWeights", geometry: tuple, tables: dict, part: "Partition",
+                 pv: int, threads: int):
+        c, h, w, kh, kw, sh, sw, ph, pw, dh, dw = geometry
         self._lib, self._tables = lib, tables  # the C side borrows the tables' memory
+        self._band_y = np.asarray(part.band_rows, np.int64)
+        self._grp_cc = np.asarray(part.channel_chunks, np.int32)
         error = ctypes.c_int(0)
         t = tables
         self.handle = lib.swp_plan_create(
-            c, h, w, packed.out_channels, kh, kw, sh, sw, ph, pw,
+            c, h, w, packed.out_channels, kh, kw, sh, sw, ph, pw, dh, dw,
             _addr(t["wpack"]), _addr(t["blk_woff"]), _addr(t["blk_tap"]), _addr(t["blk_nf"]), _addr(t["blk_rows"]),
             _addr(t["blk_first"]), _addr(t["rows"]), _addr(t["grp_blk"]), _addr(t["grp_filt"]), _addr(t["filters"]),
-            _addr(t["alive"]), t["groups"],
-            pv, cc, m, threads, ctypes.byref(error))
+            _addr(t["alive"]), t["groups"], _addr(self._grp_cc), len(self._band_y) - 1, _addr(self._band_y),
+            pv, threads, ctypes.byref(error))
         if not self.handle:
             raise RuntimeError(f"swpfx.kernels.stripe_conv: the kernel rejected the plan (code {error.value})")
-        self.lock = threading.Lock()
+        self.dense_rows = bool(lib.swp_plan_dense(self.handle))
 
     def __del__(self):
         if getattr(self, "handle", None):
@@ -236,11 +271,13 @@ class StripePackedWeights:
         self.mask = mask
         self.block = block
         self._weight = weight  # (O, C, Kh, Kw), float32
+        self._per_filter = mask.reshape(self.out_channels, kh * kw).sum(axis=1)
         self.kept_stripes = int(mask.sum())
         self.kept_fraction = self.kept_stripes / mask.size
         self.flop_ratio = mask.size / self.kept_stripes if self.kept_stripes else math.inf
-        self._tables: dict[int, dict] = {}
+        self._tables: dict[tuple, dict] = {}
         self._plans: dict[tuple, _Plan] = {}
+        self._partitions: dict[tuple, Partition] = {}
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -248,26 +285,38 @@ class StripePackedWeights:
         return (f"StripePackedWeights({o}x{c}x{kh}x{kw}, kept {self.kept_stripes}/{self.mask.size} stripes, "
                 f"block {self.block})")
 
-    def tables(self, groups: int) -> dict:
-        """Block tables for ``groups`` filter groups (contiguous filter ranges balanced by kept stripes)."""
-        groups = max(1, min(int(groups), self.out_channels))
-        with self._lock:
-            if groups not in self._tables:
-                self._tables[groups] = self._build(groups)
-            return self._tables[groups]
+    def group_bounds(self, groups: int, align: int = 1) -> np.ndarray:
+        """Filter-range bounds of ``groups`` contiguous groups with about equal kept stripes.
 
-    def _build(self, groups: int) -> dict:
-        o_n, c_n, kh, kw = self._weight.shape
-        per_filter = self.mask.reshape(o_n, kh * kw)
-        counts = per_filter.sum(axis=1)
-        # contiguous split of the filters into `groups` ranges of about equal kept stripes
-        cum = np.concatenate([[0], np.cumsum(counts)])
+        Inner bounds are rounded to multiples of ``align`` when that keeps every group non-empty (an
+        output plane boundary then starts a cache line, so two threads never write one line).
+        """
+        o_n = self.out_channels
+        groups = max(1, min(int(groups), o_n))
+        cum = np.concatenate([[0], np.cumsum(self._per_filter)])
         total = cum[-1]
-        bounds = [0]
-        for g in range(1, groups):
-            bounds.append(int(np.searchsorted(cum, total * g / groups, side="left")))
-        bounds.append(o_n)
+        bounds = [0] + [int(np.searchsorted(cum, total * g / groups, side="left")) for g in range(1, groups)] + [o_n]
         bounds = np.maximum.accumulate(np.clip(bounds, 0, o_n))
+        if align > 1:
+            snapped = np.concatenate([[0], np.round(bounds[1:-1] / align).astype(np.int64) * align, [o_n]])
+            snapped = np.clip(snapped, 0, o_n)
+            if np.all(np.diff(snapped) > 0):
+                bounds = snapped
+        return bounds.astype(np.int64)
+
+    def tables(self, groups: int, align: int = 1) -> dict:
+        """Block tables for ``groups`` filter groups (:meth:`group_bounds`)."""
+        groups = max(1, min(int(groups), self.out_channels))
+        key = (groups, int(align))
+        with self._lock:
+            if key not in self._tables:
+                self._tables[key] = self._build(self.group_bounds(groups, align))
+            return self._tables[key]
+
+    def _build(self, bounds: np.ndarray) -> dict:
+        o_n, c_n, kh, kw = self._weight.shape
+        groups = len(bounds) - 1
+        per_filter = self.mask.reshape(o_n, kh * kw)
         w_taps = self._weight.reshape(o_n, c_n, kh * kw)
         chunks, woff, btap, bnf, brows, bfirst, rows, grp_blk = [], [], [], [], [], [], [], [0]
         alive = np.zeros(o_n, np.uint8)
@@ -295,6 +344,7 @@ class StripePackedWeights:
             alive[f0:f1] = seen
         return {
             "groups": groups,
+            "bounds": bounds,
             "wpack": np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(1, np.float32),
             "blk_woff": np.asarray(woff, np.int64).reshape(-1) if woff else np.zeros(1, np.int64),
             "blk_tap": np.asarray(btap if btap else [0], np.int32),
@@ -308,14 +358,14 @@ class StripePackedWeights:
             "filters": np.arange(o_n, dtype=np.int32),
         }
 
-    def plan(self, lib, key: tuple, groups: int, pv: int, cc: int, m: int, threads: int) -> _Plan:
-        """The cached kernel plan for an input geometry ``key`` and the tuning knobs."""
-        full = key + (groups, pv, cc, m, threads)
-        tables = self.tables(groups)
+    def plan(self, lib, geometry: tuple, part: "Partition", pv: int, threads: int) -> _Plan:
+        """The cached kernel plan for an input geometry and a partition."""
+        full = geometry + (part.key(), pv, threads)
+        tables = self.tables(part.groups, part.align)
         with self._lock:
             plan = self._plans.get(full)
             if plan is None:
-                plan = _Plan(lib, self, key, tables, pv, cc, m, threads)
+                plan = _Plan(lib, self, geometry, tables, part, pv, threads)
                 self._plans[full] = plan
             return plan
 
@@ -335,11 +385,160 @@ def pack_weights(weight, mask, block: int | None = None) -> StripePackedWeights:
     if m.shape != (w.shape[0], w.shape[2], w.shape[3]):
         raise ValueError(f"swpfx.kernels.stripe_conv.pack_weights: mask must be (O, Kh, Kw) = "
                          f"{(w.shape[0], w.shape[2], w.shape[3])}, got {m.shape}")
+    if w.shape[2] * w.shape[3] > 64:
+        raise ValueError(f"swpfx.kernels.stripe_conv.pack_weights: at most 64 kernel taps, got {w.shape[2:]}")
     _, info = _require()
     block = info["default_f"] if block is None else int(block)
     if not 1 <= block <= info["max_f"]:
         raise ValueError(f"swpfx.kernels.stripe_conv.pack_weights: block must be in 1..{info['max_f']}, got {block}")
     return StripePackedWeights(w, m, block)
+
+
+# ----------------------------------------------------------------------------- partition
+
+class Partition:
+    """How one call is cut into work items: output row bands x filter groups (items ordered band-major;
+    thread t owns the t-th contiguous slice of items). ``cost`` is the model's estimate (vector-FMA units)
+    of the busiest thread."""
+
+    def __init__(self, band_rows: list[int], groups: int, align: int, channel_chunks: list[int], cost: float):
+        self.band_rows, self.groups, self.align = list(band_rows), int(groups), int(align)
+        self.channel_chunks, self.cost = list(channel_chunks), cost
+
+    @property
+    def bands(self) -> int:
+        return len(self.band_rows) - 1
+
+    def key(self) -> tuple:
+        return (tuple(self.band_rows), self.groups, self.align, tuple(self.channel_chunks))
+
+    def __repr__(self) -> str:
+        return f"Partition(bands={self.band_rows}, groups={self.groups}, align={self.align})"
+
+
+def _split_rows(ho: int, bands: int, align: int) -> list[int]:
+    """Balanced row bounds; inner bounds rounded to multiples of ``align`` when that keeps the largest band."""
+    bounds = [round(ho * r / bands) for r in range(bands + 1)]
+    if align > 1 and bands > 1:
+        snapped = [0] + [int(round(b / align)) * align for b in bounds[1:-1]] + [ho]
+        if all(b1 > b0 for b0, b1 in zip(snapped, snapped[1:])) and \
+                max(np.diff(snapped)) <= max(np.diff(bounds)):
+            return snapped
+    return bounds
+
+
+def _chunks(c: int, groups: int, chunk: int | None) -> list[int]:
+    """Input channels per chunk (the same for every group, so the summation order never depends on the
+    partition): at most 128, in equal chunks, unless ``chunk`` says otherwise."""
+    if chunk is None:
+        chunk = -(-c // -(-c // 128))
+    return [max(1, min(int(chunk), c))] * groups
+
+
+# Cost-model constants, in vector-FMA units (one micro-kernel FMA of one vector ~ one cycle).
+COST_BLOCK_TILE = 40.0  # per register block x micro-tile x channel chunk: accumulator load/add/store, call
+COST_PACK_FLOAT = 1.0  # per packed input float (read from memory; masked vector loads/stores, zero padding)
+COST_STORE_VEC = 2.0  # per stored output vector (bias, residual, ReLU)
+COST_ITEM = 200.0  # per item
+COST_MEM_FLOAT = 1.0  # per packed weight float read from memory (once per item: another runtime or layer
+#                       ran in between; measured: a second copy of 512/7²'s weights per thread costs ~0.17 ms)
+COST_L2_FLOAT = 0.02  # per packed weight float re-read from L2 (once per further micro-tile)
+COST_L3_FLOAT = 0.06  # ... from L3, when an item's working set overflows L2
+MIN_ITEMS_PER_THREAD = 2  # preferred when threads > 1 (1 leaves nothing to take; 2, 4 and 8 measured alike)
+COST_LATE = 40000.0  # expected loss to a worker that starts late, with one item per thread
+
+
+def _row_floats(w: int, wo: int, ext_w: int, sw: int, pw: int, phases_b: set[int], vl: int) -> int:
+    """Floats per packed row (mirrors the kernel): ``wo`` ("dense rows") when every phase plane's real input
+    columns fit in ``wo`` and the build vectorises (VL >= 8), else ``wo + ext_w`` (padding stored)."""
+    if vl < 8 or os.environ.get("SWPFX_KERNEL_PADDED_ROWS", "0") not in ("", "0"):
+        return wo + ext_w
+    for b in phases_b:
+        vlo = max(0, -(-(pw - b) // sw))
+        vhi = 0 if w - 1 + pw - b < 0 else (w - 1 + pw - b) // sw + 1
+        if vhi - vlo > wo:
+            return wo + ext_w
+    return wo
+
+
+def partition(packed: StripePackedWeights, geometry: tuple, threads: int, pv: int, vl: int, *,
+              groups: int | None = None, bands: int | None = None, channel_chunk: int | None = None,
+              l2_bytes: int = 1 << 20) -> Partition:
+    """Choose row bands x filter groups for one call by a small cost model (cached per ``packed``).
+
+    Per thread: the multiply-adds of its items (vectors of the flat pixel axis x kept stripes x
+    channels), a fixed cost per register block and tile, packing each band's input rows once, the
+    epilogue, reading the group's weights from memory (once per item, plus once per further micro-tile
+    from L2 or L3 when tiles are the outer loop), and, with several threads, the expected loss to a late worker (smaller with more items
+    to steal). The busiest thread's total is minimised.
+    """
+    key = (geometry, threads, pv, vl, groups, bands, channel_chunk, l2_bytes)
+    cached = packed._partitions.get(key)
+    if cached is not None:
+        return cached
+    c, h, w, kh, kw, sh, sw, ph, pw, dh, dw = geometry
+    ho, wo = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    ext_h, ext_w = dh * (kh - 1) // sh, dw * (kw - 1) // sw
+    phases = {((dh * i) % sh, (dw * j) % sw) for i in range(kh) for j in range(kw)}
+    planes = len(phases)
+    wq = _row_floats(w, wo, ext_w, sw, pw, {b for _, b in phases}, vl)
+    o = packed.out_channels
+    plane_out = ho * wo
+    g_align = 16 // math.gcd(plane_out, 16)  # filters per cache-line-aligned output-plane boundary
+    r_align = 16 // math.gcd(wo, 16) if plane_out % 16 == 0 else 1
+    g_cands = [groups] if groups is not None else sorted({g for g in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+                                                          if g <= max(1, o // 8)})
+    r_cands = [bands] if bands is not None else list(range(1, min(ho, 8 * threads, 32) + 1))
+    late = 0.0 if threads == 1 else COST_LATE
+    best = None
+    # group bounds snapped to cache-line-aligned output planes where that costs (almost) nothing
+    combos = [(max(1, min(g, o)), a) for g in g_cands for a in sorted({1, g_align})
+              if a == 1 or (g > 1 and o // g >= 4 * a)]
+    for g_eff, align in combos:
+        bounds = packed.group_bounds(g_eff, align)
+        nfg = np.diff(bounds)
+        cum = np.concatenate([[0], np.cumsum(packed._per_filter)])
+        kept = cum[bounds[1:]] - cum[bounds[:-1]]
+        nblocks = np.ceil(kept / max(1, packed.block))  # about one partial block per tap more: folded in below
+        cc = _chunks(c, g_eff, channel_chunk)
+        nchunks = np.array([-(-c // x) for x in cc])
+        for r in r_cands:
+            r_eff = max(1, min(r, ho))
+            rows_b = _split_rows(ho, r_eff, r_align)
+            rows = np.diff(rows_b)
+            nv = np.ceil(rows * wq / vl)
+            ntiles = np.ceil(nv / pv)
+            items = r_eff * g_eff
+            pack = planes * c * (rows + ext_h) * wq * COST_PACK_FLOAT
+            # item (band i, group j) cost
+            comp = np.outer(nv * c, kept) + np.outer(ntiles, (nblocks + kh * kw) * nchunks) * COST_BLOCK_TILE \
+                + np.outer(np.ceil(wo / vl) * rows, nfg) * COST_STORE_VEC + COST_ITEM
+            foot = (planes * c * ((rows + ext_h) * wq + ext_w + vl) * 4)[:, None] \
+                + np.outer(ntiles * pv * vl, nfg + 1) * 4 + (np.array(cc) * kept * 4)[None, :]
+            # The group's packed weights come from memory once per item; with tiles as the outer loop (the
+            # kernel's choice when the weights are the smaller stream) every further tile re-reads them from
+            # L2, or from L3 when the item's working set overflows half of L2.
+            wfloats = (kept * c)[None, :]
+            tiles_outer = kept[None, :] <= (ntiles * pv * vl)[:, None]
+            again = np.where(foot > l2_bytes, COST_L3_FLOAT, COST_L2_FLOAT) * (ntiles - 1)[:, None]
+            comp = comp + wfloats * (COST_MEM_FLOAT + np.where(tiles_outer, again, 0.0))
+            flat = comp.reshape(-1)
+            worst = 0.0
+            for t in range(threads):
+                lo, hi = items * t // threads, items * (t + 1) // threads
+                if hi <= lo:
+                    continue
+                band_ids = {i // g_eff for i in range(lo, hi)}
+                worst = max(worst, float(flat[lo:hi].sum() + sum(pack[b] for b in band_ids)))
+            total = (worst + late * threads / items) * (1.0 if align > 1 or g_eff == 1 else 1.002)
+            # with several threads, prefer >= MIN_ITEMS_PER_THREAD items per thread: the work of a thread that
+            # starts late or is preempted (a shared machine) can then be taken by the others
+            rank = (threads > 1 and items < MIN_ITEMS_PER_THREAD * threads, total)
+            if best is None or rank[0] < best[0][0] or (rank[0] == best[0][0] and total < best[0][1] * 0.999):
+                best = (rank, rows_b, g_eff, align, cc)
+    part = Partition(best[1], best[2], best[3], best[4], best[0][1])
+    packed._partitions[key] = part
+    return part
 
 
 # ----------------------------------------------------------------------------- forward
@@ -352,34 +551,23 @@ def _pair(v, name: str) -> tuple[int, int]:
     return int(v), int(v)
 
 
-def default_groups(packed: StripePackedWeights, n_tiles: int, threads: int) -> int:
-    """Filter groups so that there are at least 4 work items per thread (1 when pixel tiles suffice)."""
-    want = 4 * threads
-    if n_tiles >= want:
-        return 1
-    return max(1, min(packed.out_channels // 8 or 1, -(-want // n_tiles)))
-
-
-def default_tiles_per_item(n_tiles: int, groups: int, threads: int, tile_pixels: int) -> int:
-    """Micro-tiles per work item: up to ~256 pixels, keeping >= 4 items per thread."""
-    per_group = max(1, (4 * threads) // groups)
-    return max(1, min(max(1, 256 // tile_pixels), n_tiles // per_group))
-
-
-def stripe_conv2d(x, packed: StripePackedWeights, bias=None, stride=1, padding=None, *, relu: bool = False,
-                  residual=None, threads: int = DEFAULT_THREADS, groups: int | None = None, pv: int | None = None,
-                  channel_chunk: int | None = None, tiles_per_item: int | None = None,
+def stripe_conv2d(x, packed: StripePackedWeights, bias=None, stride=1, padding=None, dilation=1, *,
+                  relu: bool = False, residual=None, threads: int = DEFAULT_THREADS, groups: int | None = None,
+                  bands: int | None = None, pv: int | None = None, channel_chunk: int | None = None,
                   out: np.ndarray | None = None):
-    """``F.conv2d(x, weight * mask[:, None], bias, stride, padding)`` (+ ``residual``, then ReLU if ``relu``).
+    """``F.conv2d(x, weight * mask[:, None], bias, stride, padding, dilation)`` (+ ``residual``, then ReLU if ``relu``).
 
     ``x`` is float32 ``(N, C, H, W)`` or ``(C, H, W)`` (numpy or torch; torch in,
-    torch out). ``padding`` defaults to ``K // 2`` (zero padding); ``stride``
-    and ``padding`` are ints or pairs; no dilation or groups. ``threads`` is the
-    number of threads (the caller's plus a shared worker pool). ``groups``
-    (filter groups), ``pv`` (pixel vectors per micro-tile), ``channel_chunk``
-    and ``tiles_per_item`` are tuning knobs (defaults are heuristics).
+    torch out). ``padding`` (zeros) defaults to ``dilation * (K - 1) // 2``;
+    ``stride``, ``padding`` and ``dilation`` are ints or pairs; no groups.
+    ``threads`` is the number of threads (the caller's plus a shared worker pool).
+    ``groups`` (filter groups), ``bands`` (output row bands), ``pv`` (pixel
+    vectors per micro-tile) and ``channel_chunk`` are tuning knobs (defaults:
+    :func:`partition`'s cost model); they never change the result.
     """
     lib, info = _require()
+    if threads > 1:
+        lib.swp_pool_wake(int(threads))  # the workers wake while the arguments are checked
     is_torch = hasattr(x, "detach")
     xa = _to_numpy(x, np.float32)
     squeeze = xa.ndim == 3
@@ -393,26 +581,24 @@ def stripe_conv2d(x, packed: StripePackedWeights, bias=None, stride=1, padding=N
         raise ValueError(f"swpfx.kernels.stripe_conv.stripe_conv2d: x has {c} channels, the weight expects "
                          f"{packed.in_channels}")
     sh, sw = _pair(stride, "stride")
-    ph, pw = _pair((kh // 2, kw // 2) if padding is None else padding, "padding")
+    dh, dw = _pair(dilation, "dilation")
+    if dh < 1 or dw < 1:
+        raise ValueError(f"swpfx.kernels.stripe_conv.stripe_conv2d: unsupported dilation {dilation}")
+    ph, pw = _pair((dh * (kh - 1) // 2, dw * (kw - 1) // 2) if padding is None else padding, "padding")
     if sh < 1 or sw < 1 or ph < 0 or pw < 0:
         raise ValueError(f"swpfx.kernels.stripe_conv.stripe_conv2d: unsupported stride {stride} / padding {padding}")
-    ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
-    if ho < 1 or wo < 1:
-        raise ValueError(f"swpfx.kernels.stripe_conv.stripe_conv2d: input {h}x{w} too small for kernel {kh}x{kw}")
+    ho, wo = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    if h + 2 * ph < dh * (kh - 1) + 1 or w + 2 * pw < dw * (kw - 1) + 1 or ho < 1 or wo < 1:
+        raise ValueError(f"swpfx.kernels.stripe_conv.stripe_conv2d: input {h}x{w} too small for kernel {kh}x{kw} "
+                         f"(padding {ph, pw}, dilation {dh, dw})")
     o = packed.out_channels
-    threads = max(1, int(threads))
+    threads = max(1, min(int(threads), info["max_threads"]))
     pv = info["default_pv"] if pv is None else int(pv)
     if not 1 <= pv <= info["max_pv"]:
         raise ValueError(f"swpfx.kernels.stripe_conv.stripe_conv2d: pv must be in 1..{info['max_pv']}")
-    vl = info["vector_width"]
-    wq = wo + (kw - 1) // sw
-    n_vec = -(-(ho * wq) // vl)
-    n_tiles = -(-n_vec // pv)
-    if groups is None:
-        groups = default_groups(packed, n_tiles, threads)
-    if tiles_per_item is None:
-        tiles_per_item = default_tiles_per_item(n_tiles, groups, threads, pv * vl)
-    cc = 128 if channel_chunk is None else int(channel_chunk)
+    geometry = (c, h, w, kh, kw, sh, sw, ph, pw, dh, dw)
+    part = partition(packed, geometry, threads, pv, info["vector_width"], groups=groups, bands=bands,
+                     channel_chunk=channel_chunk, l2_bytes=info["l2_bytes"])
 
     b = None if bias is None else _to_numpy(bias, np.float32).reshape(-1)
     if b is not None and b.size != o:
@@ -421,13 +607,11 @@ def stripe_conv2d(x, packed: StripePackedWeights, bias=None, stride=1, padding=N
     if residual is not None:
         r = _to_numpy(residual, np.float32).reshape(n, o, ho, wo)
     if out is None:
-        out = np.empty((n, o, ho, wo), np.float32)
+        out = _empty_aligned((n, o, ho, wo))
     elif out.shape != (n, o, ho, wo) or out.dtype != np.float32 or not out.flags.c_contiguous:
         raise ValueError(f"swpfx.kernels.stripe_conv.stripe_conv2d: out must be contiguous float32 {(n, o, ho, wo)}")
-    plan = packed.plan(lib, (c, h, w, kh, kw, sh, sw, ph, pw), int(groups), pv, cc, int(tiles_per_item), threads)
-    with plan.lock:  # a plan owns its workspace: one call at a time
-        code = lib.swp_plan_run(plan.handle, xa.ctypes.data, n, out.ctypes.data, _addr(b), _addr(r),
-                                int(bool(relu)))
+    plan = packed.plan(lib, geometry, part, pv, threads)
+    code = lib.swp_plan_run(plan.handle, xa.ctypes.data, n, out.ctypes.data, _addr(b), _addr(r), int(bool(relu)))
     if code != 0:
         raise RuntimeError(f"swpfx.kernels.stripe_conv.stripe_conv2d: kernel rejected its arguments (code {code})")
     if squeeze:

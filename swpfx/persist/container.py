@@ -10,12 +10,14 @@ from pathlib import Path
 
 import torch
 
+from swpfx.passes.graph_utils import META_KEY
+
 from .allowlist import fail
 from .codec import enum_name
 
 FORMAT = "swpfx-graph"
 VERSION = 1
-META = "swpfx"  # the node.meta / model.meta key whose contents are saved
+META = META_KEY  # the node.meta / model.meta key whose contents are saved
 
 
 def digest(plan: str, tensors: dict[str, torch.Tensor]) -> str:

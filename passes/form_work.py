@@ -1,0 +1,164 @@
+"""The work each form of a stripe-pruned conv does: the one cost per conv form.
+
+For one conv (its :class:`~.stripe_geometry.ConvGeometry` and stripe mask) and
+one form — ``dense`` or a lowering of ``lower_stripe_convs`` (``boxes``,
+``onehot``, ``shift``) — :func:`form_work` counts, per sample, exactly what the
+built subgraph executes:
+
+``conv_macs``
+    MACs of GEMM-like convs (the dense conv, box convs, 1×1 stripe convs);
+``onehot_macs`` / ``onehot_groups``
+    MACs and groups of the one-hot grouped convs of ``onehot``;
+``copy_elems``
+    elements written by pads, slices, concats, gathers and sums;
+``ops``
+    the number of graph ops (per call, not per sample).
+
+``executed_macs(work)`` is what :mod:`.count_costs` counts for the built graph
+(tested equal); ``swpfx.runtime_model`` turns the same work into predicted
+ONNX Runtime seconds; the budget estimate and the lowering's form choice read
+both. Pure math: no graphs, no timing.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from swpfx.passes.stripe_geometry import ConvGeometry
+    >>> g = ConvGeometry.of(nn.Conv2d(16, 32, 3, padding=1), (1, 16, 8, 8))
+    >>> centre = torch.zeros(32, 3, 3, dtype=torch.bool); centre[:, 1, 1] = True
+    >>> executed_macs(form_work(g, centre, "dense")), executed_macs(form_work(g, centre, "boxes", min_group=8))
+    (294912, 32768)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .stripe_geometry import DEFAULT_MIN_GROUP, ConvGeometry, box_area, box_groups, stripe_count_buckets
+
+WORK_KINDS = ("conv_macs", "onehot_macs", "onehot_groups", "copy_elems", "ops")
+MAC_KINDS = ("conv_macs", "onehot_macs")
+BOX_MIN_GROUPS = (8, 16, 32)  # the boxes partitions a form chooser tries
+
+
+def executed_macs(work: dict) -> int:
+    """Per-sample MACs the form executes (``count_costs``' ``macs`` of its nodes, divided by the batch)."""
+    return sum(work.get(kind, 0) for kind in MAC_KINDS)
+
+
+def _symmetric(pads) -> bool:
+    return pads[0] == pads[1] >= 0 and pads[2] == pads[3] >= 0
+
+
+def _padded_elems(channels: int, h: int, w: int, pads) -> int:
+    return channels * (h + pads[0] + pads[1]) * (w + pads[2] + pads[3])
+
+
+def _merge(work: dict, **amounts) -> None:
+    for kind, amount in amounts.items():
+        work[kind] = work.get(kind, 0) + amount
+
+
+def _output_gather(work: dict, parts: int, reordered: bool, out_elems: int) -> None:
+    if parts > 1:
+        _merge(work, copy_elems=out_elems, ops=1)
+    if reordered:
+        _merge(work, copy_elems=out_elems, ops=1)
+
+
+def _spatial(geometry: ConvGeometry) -> tuple[int, int, int, int]:
+    if geometry.input_hw is None:
+        raise ValueError("form_work: the conv's input size is unknown (ConvGeometry.input_hw is None)")
+    return (*geometry.input_hw, *geometry.output_hw)
+
+
+def dense_work(geometry: ConvGeometry, mask=None) -> dict:
+    _, _, ho, wo = _spatial(geometry)
+    kh, kw = geometry.kernel
+    macs = geometry.out_channels * (geometry.in_channels // geometry.groups) * kh * kw * ho * wo
+    return {"conv_macs": macs, "ops": 1}
+
+
+def boxes_work(geometry: ConvGeometry, mask: torch.Tensor, min_group: int = DEFAULT_MIN_GROUP) -> dict:
+    h, w, ho, wo = _spatial(geometry)
+    c, g, o = geometry.in_channels, geometry.groups, geometry.out_channels
+    work: dict = {}
+    seen_pads = set()
+    order = []
+    groups = box_groups(mask, min_group)
+    for box, filters in groups:
+        pads = geometry.box_pads(box)
+        if not _symmetric(pads) and pads not in seen_pads:
+            seen_pads.add(pads)
+            _merge(work, copy_elems=_padded_elems(c, h, w, pads), ops=1)
+        if g > 1:  # input channel gather (upper bound: every filter duplicates its group's channels)
+            _merge(work, copy_elems=len(filters) * (c // g) * h * w, ops=1)
+        _merge(work, conv_macs=len(filters) * (c // g) * box_area(box) * ho * wo, ops=1)
+        order.extend(filters)
+    _output_gather(work, len(groups), order != sorted(order), o * ho * wo)
+    return work
+
+
+def onehot_work(geometry: ConvGeometry, mask: torch.Tensor) -> dict:
+    h, w, ho, wo = _spatial(geometry)
+    c, o = geometry.in_channels, geometry.out_channels
+    kh, kw = geometry.kernel
+    work: dict = {}
+    buckets = stripe_count_buckets(mask)
+    for k, filters in buckets:
+        n = len(filters)
+        _merge(work, conv_macs=n * k * c * h * w, ops=2, onehot_macs=n * k * kh * kw * ho * wo, onehot_groups=n)
+        if not _symmetric(geometry.pads):
+            _merge(work, copy_elems=_padded_elems(n * k, h, w, geometry.pads), ops=1)
+    _output_gather(work, len(buckets), len(buckets) > 1, o * ho * wo)
+    return work
+
+
+def shift_work(geometry: ConvGeometry, mask: torch.Tensor) -> dict:
+    h, w, ho, wo = _spatial(geometry)
+    c, o = geometry.in_channels, geometry.out_channels
+    work: dict = {}
+    if any(geometry.pads):
+        _merge(work, copy_elems=_padded_elems(c, h, w, geometry.pads), ops=1)
+    used = [n for n in mask.flatten(1).sum(0).tolist() if n]
+    s = int(mask.sum())
+    _merge(work, copy_elems=len(used) * c * ho * wo, conv_macs=s * c * ho * wo, ops=2 * len(used))
+    if len(used) > 1:
+        _merge(work, copy_elems=s * ho * wo, ops=1)
+    buckets = stripe_count_buckets(mask)
+    for k, filters in buckets:
+        _merge(work, copy_elems=len(filters) * (k + 1) * ho * wo, ops=3)
+    _output_gather(work, len(buckets), len(buckets) > 1, o * ho * wo)
+    return work
+
+
+def form_work(geometry: ConvGeometry, mask: torch.Tensor | None, form: str, **options) -> dict:
+    """Per-sample work of ``form`` (``"dense"`` or a lowering) with ``options`` (``min_group`` for boxes)."""
+    if form == "dense":
+        return dense_work(geometry)
+    if form == "boxes":
+        return boxes_work(geometry, mask, options.get("min_group", DEFAULT_MIN_GROUP))
+    if form == "onehot":
+        return onehot_work(geometry, mask)
+    if form == "shift":
+        return shift_work(geometry, mask)
+    raise ValueError(f"form_work: unknown form {form!r}")
+
+
+def candidate_work(geometry: ConvGeometry, mask: torch.Tensor, forms) -> dict[tuple, dict]:
+    """{(form, options): work} for dense and every candidate lowering of one conv.
+
+    ``boxes`` is tried with each partition of ``BOX_MIN_GROUPS`` that differs.
+    """
+    candidates = {("dense", ()): dense_work(geometry)}
+    if "boxes" in forms:
+        seen = []
+        for min_group in BOX_MIN_GROUPS:
+            partition = [fs for _, fs in box_groups(mask, min_group)]
+            if partition not in seen:
+                seen.append(partition)
+                candidates[("boxes", (("min_group", min_group),))] = boxes_work(geometry, mask, min_group)
+    if "onehot" in forms:
+        candidates[("onehot", ())] = onehot_work(geometry, mask)
+    if "shift" in forms:
+        candidates[("shift", ())] = shift_work(geometry, mask)
+    return candidates
