@@ -7,7 +7,7 @@ import math
 import torch
 from torch import fx
 
-from swpfx.budget import masks_for_flops_target, masks_for_latency_target
+from swpfx.budget import GRANULARITIES, masks_for_flops_target, masks_for_latency_target
 from swpfx.passes.fold_skeletons import stripe_masks
 from swpfx.passes.graph_utils import evaluate_attribute_expression, get_attr_path
 from swpfx.pipeline import convert_with_masks
@@ -64,8 +64,8 @@ def check_skeletons(prepared: fx.GraphModule) -> None:
 
 
 def _check_args(threshold, flops_target, latency_target, lowering, channel_multiple, granularity) -> float | None:
-    if granularity not in ("stripe", "filter", "snapped"):
-        raise ValueError(f"swpfx.convert: granularity must be 'stripe', 'filter' or 'snapped', got {granularity!r}")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"swpfx.convert: granularity must be one of {GRANULARITIES}, got {granularity!r}")
     if not isinstance(channel_multiple, int) or isinstance(channel_multiple, bool) or channel_multiple < 1:
         raise ValueError(f"swpfx.convert: channel_multiple must be a positive int, got {channel_multiple!r}")
     if lowering not in LOWERING_MODES:
