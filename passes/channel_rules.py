@@ -448,6 +448,20 @@ class SpatialReduction(ChannelRule):
 # ---------------------------------------------------------------- producers and consumers
 
 
+def kept_groups(groups: int, in_channels: int, out_channels: int, out_keep: torch.Tensor | None,
+                in_keep: torch.Tensor | None) -> torch.Tensor:
+    """The groups of a grouped conv that keep an input or an output once ``out_keep`` / ``in_keep`` (None: all) stay.
+
+    A depthwise conv keeps one group per kept channel.
+
+    >>> kept_groups(4, 8, 8, torch.tensor([0, 1, 6, 7]), torch.tensor([0, 1, 6, 7])).tolist()
+    [0, 3]
+    """
+    out_idx = torch.arange(out_channels) if out_keep is None else out_keep
+    in_idx = torch.arange(in_channels) if in_keep is None else in_keep
+    return torch.unique(torch.cat([in_idx // (in_channels // groups), out_idx // (out_channels // groups)]))
+
+
 def grouped_weight(weight: torch.Tensor, groups: int, out_keep: torch.Tensor, in_keep: torch.Tensor,
                    in_channels: int, node: fx.Node | None = None) -> tuple[torch.Tensor, int]:
     """The weight of a grouped conv restricted to ``out_keep`` / ``in_keep`` (global indices); new group count.
@@ -456,19 +470,19 @@ def grouped_weight(weight: torch.Tensor, groups: int, out_keep: torch.Tensor, in
     """
     per_in, per_out = in_channels // groups, weight.shape[0] // groups
     in_groups, out_groups = in_keep // per_in, out_keep // per_out
-    kept_groups = torch.unique(torch.cat([in_groups, out_groups]))
-    in_counts = torch.bincount(in_groups, minlength=groups)[kept_groups]
-    out_counts = torch.bincount(out_groups, minlength=groups)[kept_groups]
+    kept = kept_groups(groups, in_channels, weight.shape[0], out_keep, in_keep)
+    in_counts = torch.bincount(in_groups, minlength=groups)[kept]
+    out_counts = torch.bincount(out_groups, minlength=groups)[kept]
     if not (in_counts == in_counts[0]).all() or not (out_counts == out_counts[0]).all() or in_counts[0] == 0 \
             or out_counts[0] == 0:
         raise pass_error(PASS, node, f"unequal groups after removal (inputs per group {in_counts.tolist()}, "
                                      f"outputs per group {out_counts.tolist()})")
-    local_in = (in_keep % per_in).reshape(len(kept_groups), -1)  # (G', Cg'), sorted within each group
-    rank = torch.searchsorted(kept_groups, out_groups)  # output row -> its group among the kept ones
+    local_in = (in_keep % per_in).reshape(len(kept), -1)  # (G', Cg'), sorted within each group
+    rank = torch.searchsorted(kept, out_groups)  # output row -> its group among the kept ones
     cols = local_in[rank].to(weight.device)  # (O', Cg')
     rows = weight[out_keep]
     index = cols[:, :, None, None].expand(-1, -1, *weight.shape[2:])
-    return torch.gather(rows, 1, index), len(kept_groups)
+    return torch.gather(rows, 1, index), len(kept)
 
 
 def sliced_conv(conv: nn.Conv2d, out_keep: torch.Tensor | None, in_keep: torch.Tensor | None,

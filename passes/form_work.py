@@ -12,7 +12,12 @@ built subgraph executes:
 ``copy_elems``
     elements written by pads, slices, concats, gathers and sums;
 ``ops``
-    the number of graph ops (per call, not per sample).
+    the number of graph ops (per call, not per sample);
+
+and ``layout``, the conv's ``(in_channels, out_channels, groups)``: not an amount
+but what decides whether ONNX Runtime runs its GEMM-like convs on the fast
+channel-blocked (NCHWc) path — every form's GEMM-like convs read all the conv's
+input channels — which ``swpfx.runtime_model`` prices.
 
 ``executed_macs(work)`` is what :mod:`.count_costs` counts for the built graph
 (tested equal); ``swpfx.runtime_model`` turns the same work into predicted
@@ -36,7 +41,7 @@ import torch
 from .stripe_geometry import DEFAULT_MIN_GROUP, ConvGeometry, box_area, box_groups, stripe_count_buckets
 
 WORK_KINDS = ("conv_macs", "onehot_macs", "onehot_groups", "copy_elems", "ops")
-MAC_KINDS = ("conv_macs", "onehot_macs")
+MAC_KINDS = ("conv_macs", "onehot_macs", "nchw_macs")  # nchw_macs: conv_macs a runtime runs off its blocked path
 BOX_MIN_GROUPS = (8, 16, 32)  # the boxes partitions a form chooser tries
 
 
@@ -71,17 +76,22 @@ def _spatial(geometry: ConvGeometry) -> tuple[int, int, int, int]:
     return (*geometry.input_hw, *geometry.output_hw)
 
 
+def layout(geometry: ConvGeometry) -> tuple[int, int, int]:
+    """``(in_channels, out_channels, groups)``: what a runtime's channel-blocked fast path depends on."""
+    return geometry.in_channels, geometry.out_channels, geometry.groups
+
+
 def dense_work(geometry: ConvGeometry, mask=None) -> dict:
     _, _, ho, wo = _spatial(geometry)
     kh, kw = geometry.kernel
     macs = geometry.out_channels * (geometry.in_channels // geometry.groups) * kh * kw * ho * wo
-    return {"conv_macs": macs, "ops": 1}
+    return {"conv_macs": macs, "ops": 1, "layout": layout(geometry)}
 
 
 def boxes_work(geometry: ConvGeometry, mask: torch.Tensor, min_group: int = DEFAULT_MIN_GROUP) -> dict:
     h, w, ho, wo = _spatial(geometry)
     c, g, o = geometry.in_channels, geometry.groups, geometry.out_channels
-    work: dict = {}
+    work: dict = {"layout": layout(geometry)}
     seen_pads = set()
     order = []
     groups = box_groups(mask, min_group)
@@ -102,7 +112,7 @@ def onehot_work(geometry: ConvGeometry, mask: torch.Tensor) -> dict:
     h, w, ho, wo = _spatial(geometry)
     c, o = geometry.in_channels, geometry.out_channels
     kh, kw = geometry.kernel
-    work: dict = {}
+    work: dict = {"layout": layout(geometry)}
     buckets = stripe_count_buckets(mask)
     for k, filters in buckets:
         n = len(filters)
@@ -116,7 +126,7 @@ def onehot_work(geometry: ConvGeometry, mask: torch.Tensor) -> dict:
 def shift_work(geometry: ConvGeometry, mask: torch.Tensor) -> dict:
     h, w, ho, wo = _spatial(geometry)
     c, o = geometry.in_channels, geometry.out_channels
-    work: dict = {}
+    work: dict = {"layout": layout(geometry)}
     if any(geometry.pads):
         _merge(work, copy_elems=_padded_elems(c, h, w, geometry.pads), ops=1)
     used = [n for n in mask.flatten(1).sum(0).tolist() if n]

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,7 @@ from torch import fx, nn
 
 from .graph_utils import pass_error, swpfx_meta
 from .modes import eval_mode
+from .pass_result import PassResult
 
 PASS = "measure_channel_similarity"
 
@@ -239,21 +241,27 @@ class MeasureChannelSimilarity(fx.Interpreter):
         return result
 
 
+@dataclass
+class MeasureChannelSimilarityResult(PassResult):
+    similarity: dict[str, torch.Tensor] = field(default_factory=dict)  # conv node name -> N×N similarity
+
+
 def measure_channel_similarity(
     gm: fx.GraphModule, convs: Iterable[str], calibration_batches: Iterable, example_inputs: tuple | None = None
-) -> dict[str, torch.Tensor]:
+) -> MeasureChannelSimilarityResult:
     """Mean per-image Pearson similarity of the output channels of each named conv node.
 
     ``convs`` are node names of ``call_module`` nodes on ``nn.Conv2d``. The model
-    runs in eval mode under ``no_grad`` (its training flag is restored). Returns
-    ``{conv node name: N×N float64 tensor}`` and also stores each matrix in the
-    conv node's ``meta["swpfx"]["channel_similarity"]``; the graph is not changed.
+    runs in eval mode under ``no_grad`` (its training flag is restored). The
+    result's ``similarity`` is ``{conv node name: N×N float64 tensor}``; each matrix
+    is also stored in the conv node's ``meta["swpfx"]["channel_similarity"]``; the
+    graph is not changed (``modified`` is False).
 
     Example:
         >>> import torch, torchvision
         >>> from swpfx.tracing import trace
         >>> gm = trace(torchvision.models.resnet18())
-        >>> s = measure_channel_similarity(gm, ["layer1_0_conv1"], [torch.randn(2, 3, 32, 32)])
+        >>> s = measure_channel_similarity(gm, ["layer1_0_conv1"], [torch.randn(2, 3, 32, 32)]).similarity
         >>> s["layer1_0_conv1"].shape
         torch.Size([64, 64])
     """
@@ -286,9 +294,9 @@ def measure_channel_similarity(
                 raise pass_error(PASS, None, f"running calibration batch {i} of shape {tuple(x.shape)} failed: "
                                  f"{type(exc).__name__}: {exc}") from exc
 
-    result = {}
+    similarity = {}
     for name, s in sums.items():
-        result[name] = s.similarity()
-        swpfx_meta(nodes[name])["channel_similarity"] = result[name]
+        similarity[name] = s.similarity()
+        swpfx_meta(nodes[name])["channel_similarity"] = similarity[name]
         swpfx_meta(nodes[name])["feature_map"] = map_of[name]
-    return result
+    return MeasureChannelSimilarityResult(gm, False, similarity)

@@ -469,7 +469,7 @@ def remove_channels(
             if strict:
                 raise pass_error(PASS, node, "is not a conv whose output channels can be removed")
             del requests[node]  # e.g. a conv whose input channels are not tracked: its channels stay
-    sources, unfoldable = _constant_sources(gm, analysis) if fold_constants else ({}, set())
+    sources, unfoldable = constant_sources(gm, analysis) if fold_constants else ({}, set())
     removed = plan_removal(analysis, requests, strict=strict, channel_multiple=channel_multiple,
                            keep_classes=unfoldable)
     keep = keep_indices(analysis, removed)
@@ -588,7 +588,7 @@ def _consumers_losing_inputs(gm: fx.GraphModule, analysis: ChannelAnalysis, keep
     return [n for n in gm.graph.nodes if _is_folding_consumer(gm, n) and n.args[0] in keep]
 
 
-def _constant_sources(gm: fx.GraphModule, analysis: ChannelAnalysis):
+def constant_sources(gm: fx.GraphModule, analysis: ChannelAnalysis):
     """Per folding consumer, where its removed inputs' constants come from; and the classes that must stay.
 
     A conv's removed inputs must be constant maps, or constants made position-dependent

@@ -7,6 +7,7 @@
     swpfx.export_onnx(deployed, (x,), "model.onnx")
 """
 
+from swpfx.budget_pruner import BudgetPruner
 from swpfx.central_filter import central_filter, l1_filter_prune
 from swpfx.convert import convert, cut_table
 from swpfx.cost import CostReport, compare, cost
@@ -20,6 +21,7 @@ from swpfx.timing import latencies, latency
 from swpfx.training import param_groups, regularize_skeletons_, scheduled_sparsity, skeleton_penalty
 
 __all__ = [
+    "BudgetPruner",
     "CostReport",
     "ExportError",
     "ExportResult",

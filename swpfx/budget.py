@@ -18,9 +18,12 @@ A cut is priced by :class:`swpfx.estimate.ConversionEstimate`: the FLOPs (exactl
 what :func:`swpfx.cost` counts for the built graph) and the predicted ONNX
 Runtime latency (the runtime model, with the same form choice the lowering
 makes) of the converted graph, without building it. ``flops_target`` bisects on
-the count of the chosen order; ``latency_target`` does so for every order and
-keeps the cut that keeps the most importance — it can always fall back to
-removing filters, so it is never worse than filter pruning by that measure.
+the count of the chosen order; ``latency_target`` does so for every order — each
+also with importance counted per predicted second of its layer (``"filter/ms"``,
+...), and filters-then-stripes mixes — and keeps the cut that keeps the most
+importance: it can always fall back to removing filters, so it is never worse
+than filter pruning by that measure. :class:`swpfx.BudgetPruner` trains towards
+the same cut.
 Either way, stripes whose pruning buys nothing — in convs that stay dense, or
 in pruned filters the graph must keep — are given back
 (:func:`revive_free_stripes`) before a cut is priced.
@@ -38,7 +41,8 @@ from swpfx.importance import DEFAULT_SCOPE, normalize_per_layer, stripe_importan
 from swpfx.prepare import skeletons
 
 GRANULARITIES = ("stripe", "filter", "snapped")
-LATENCY_ORDERS = ("filter", "snapped", "stripe")
+LATENCY_ORDERS = ("filter", "snapped", "stripe", "filter/ms", "snapped/ms", "stripe/ms")
+DEFAULT_MIXES = 3  # filter-then-stripe cuts tried by the latency budget
 
 
 def importance_scores(prepared: fx.GraphModule, scope: str = DEFAULT_SCOPE) -> dict[str, torch.Tensor]:
@@ -77,7 +81,8 @@ def snapped_ladders(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return step, step_scores
 
 
-def pruning_order(prepared: fx.GraphModule, granularity: str = "stripe", scope: str = DEFAULT_SCOPE):
+def pruning_order(prepared: fx.GraphModule, granularity: str = "stripe", scope: str = DEFAULT_SCOPE,
+                  sticky_zeros: bool = True, stripe_seconds: dict[str, float] | None = None):
     """``(ranks, always, units)``: the order in which a budget prunes, strongest last.
 
     ``ranks[name]`` (O, Kh, Kw) holds each stripe's position in one total order of
@@ -85,12 +90,18 @@ def pruning_order(prepared: fx.GraphModule, granularity: str = "stripe", scope: 
     ladder step's (``"snapped"``, see :func:`snapped_ladders`) — by scale-free
     importance (:func:`importance_scores`), ties broken by weight magnitude and
     position. ``always`` marks stripes that are exactly zero (hard-zeroed in
-    training): they go at any budget. ``units`` is how many units the order has.
+    training): they go at any budget, unless ``sticky_zeros=False`` (then they
+    only rank first, by their zero importance, and may be given back).
+    ``units`` is how many units the order has. With ``stripe_seconds`` (per conv,
+    its predicted dense seconds per stripe) importance is counted per second:
+    a unit of an expensive layer goes before an equally important one of a cheap layer.
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"swpfx.convert: granularity must be one of {GRANULARITIES}, got {granularity!r}")
     scores = importance_scores(prepared, scope)
-    always = {name: (s.detach() == 0).cpu() for name, s in skeletons(prepared).items()}
+    if stripe_seconds is not None:
+        scores = {n: s / stripe_seconds[n] if stripe_seconds.get(n) else s for n, s in scores.items()}
+    always = {name: (s.detach() == 0).cpu() & sticky_zeros for name, s in skeletons(prepared).items()}
     weight_size = stripe_importance(prepared, rule="skeleton")  # |I| breaks ties of equal importance
     if granularity == "stripe":
         ranks = stripe_ranks(scores, tiebreak=weight_size)
@@ -187,7 +198,7 @@ def _cut_report(estimate, masks, count: int, order: str, scope: str) -> dict:
 
 def masks_for_flops_target(prepared: fx.GraphModule, flops_target: float, lowering: str, probe: tuple,
                            channel_multiple: int = 1, granularity: str = "stripe", scope: str = DEFAULT_SCOPE,
-                           runtime_model=None):
+                           runtime_model=None, sticky_zeros: bool = True):
     """The fewest pruned units (of :func:`pruning_order`) whose converted FLOPs are ≤ ``flops_target`` × dense.
 
     Returns ``(masks, report)``; ``report["flops_ratio"]`` is the converted graph's
@@ -196,7 +207,7 @@ def masks_for_flops_target(prepared: fx.GraphModule, flops_target: float, loweri
     from swpfx.cost import cost
 
     _check_target("flops_target", flops_target)
-    ranks, always, units = pruning_order(prepared, granularity, scope)
+    ranks, always, units = pruning_order(prepared, granularity, scope, sticky_zeros)
     dense_flops = cost(prepared, probe).flops
     estimator = ConversionEstimate(prepared, probe, lowering, channel_multiple, runtime_model)
     rest = dense_flops - estimator.estimate({n: torch.ones_like(r, dtype=torch.bool) for n, r in ranks.items()}).flops
@@ -204,11 +215,12 @@ def masks_for_flops_target(prepared: fx.GraphModule, flops_target: float, loweri
     def cut(count: int) -> dict[str, torch.Tensor]:
         return revive_free_stripes(estimator, masks_pruning(ranks, always, count), always)
 
-    def flops(count: int) -> int:
-        return rest + estimator.estimate(cut(count)).flops
-
     budget = flops_target * dense_flops
-    count = first_index_within(flops, budget, 0, units)
+    # bisection before revival (it keeps every conv's form, so almost never changes the FLOPs), redone if it does
+    count = first_index_within(lambda c: rest + estimator.estimate(masks_pruning(ranks, always, c)).flops,
+                               budget, 0, units)
+    if rest + estimator.estimate(cut(count)).flops > budget:
+        count = first_index_within(lambda c: rest + estimator.estimate(cut(c)).flops, budget, 0, units)
     masks = cut(count)
     estimate = estimator.estimate(masks)
     reached = (rest + estimate.flops) / dense_flops
@@ -223,42 +235,76 @@ def masks_for_flops_target(prepared: fx.GraphModule, flops_target: float, loweri
 
 def masks_for_latency_target(prepared: fx.GraphModule, latency_target: float, lowering: str, probe: tuple,
                              runtime_model, channel_multiple: int, scope: str = DEFAULT_SCOPE,
-                             orders=LATENCY_ORDERS, batch: int = 1):
+                             orders=LATENCY_ORDERS, batch: int = 1, sticky_zeros: bool = True,
+                             mixes: int = DEFAULT_MIXES):
     """The cut of greatest kept importance whose predicted ORT latency is ≤ ``latency_target`` × dense.
 
     Latency is predicted for runs of ``batch`` samples. For each order of
-    ``orders`` the smallest count meeting the target is found
-    by bisection on the runtime model's prediction of the converted graph;
-    the winner keeps the most importance (:func:`kept_importance`).
-    Returns ``(masks, report)`` with every order's result under ``"candidates"``.
+    ``orders`` the smallest count meeting the target is found by bisection on
+    the runtime model's prediction of the converted graph. Filter removal moves
+    latency in coarse steps (whole channel blocks), so ``mixes`` mixed cuts are
+    tried too: the filter order stopped at ``mixes`` points between dense and the
+    target, the rest of the way in the ``"snapped"`` and ``"stripe"`` orders
+    (``"filter/ms+snapped/ms"``, ...). An order named ``".../ms"`` ranks
+    importance per predicted second (:func:`pruning_order`'s ``stripe_seconds``).
+    The winner keeps the most importance (:func:`kept_importance`). Returns
+    ``(masks, report)`` with every order's best result under ``"candidates"``.
     """
     _check_target("latency_target", latency_target)
     if lowering == "never":
         raise ValueError("swpfx.convert: latency_target needs lowering='auto' (the runtime model picks the forms)")
     estimator = ConversionEstimate(prepared, probe, lowering, channel_multiple, runtime_model, batch=batch)
     scores = importance_scores(prepared, scope)
-    dense = estimator.estimate({n: torch.ones_like(s, dtype=torch.bool) for n, s in scores.items()}).seconds
+    dense_estimate = estimator.estimate({n: torch.ones_like(s, dtype=torch.bool) for n, s in scores.items()})
+    dense = dense_estimate.seconds
     budget = latency_target * dense
+    seconds = {d.conv: d.seconds / d.total_stripes for d in dense_estimate.decisions if d.conv}
+    built = {order: pruning_order(prepared, order.split("/")[0], scope, sticky_zeros,
+                                  seconds if order.endswith("/ms") else None) for order in orders}
+
+    def cutter(order: str, prefix: dict | None = None):
+        ranks, always, units = built[order]
+
+        def raw(count: int) -> dict[str, torch.Tensor]:
+            masks = masks_pruning(ranks, always, count)
+            return masks if prefix is None else {n: m & prefix[n] for n, m in masks.items()}
+        return raw, always, units
+
+    def smallest(raw, always, units: int, limit: float) -> int:
+        """The fewest units meeting ``limit``: bisection on the masks before revival (revival keeps the
+        forms, so it almost never changes the latency), checked and redone with revival if it does."""
+        count = first_index_within(lambda c: estimator.estimate(raw(c)).seconds, limit, 0, units)
+        if estimator.estimate(revive_free_stripes(estimator, raw(count), always)).seconds > limit:
+            count = first_index_within(
+                lambda c: estimator.estimate(revive_free_stripes(estimator, raw(c), always)).seconds, limit, 0, units)
+        return count
+
+    searches = [(order, *cutter(order), None) for order in orders]
+    prefix_order = "filter/ms" if "filter/ms" in built else "filter"
+    rest = [o for o in orders if o.endswith("/ms") and not o.startswith("filter")] or \
+        [o for o in orders if not o.startswith("filter")]
+    if prefix_order in built and rest and mixes > 0:
+        stops = sorted({smallest(*cutter(prefix_order), dense * (1 - (1 - latency_target) * j / (mixes + 1)))
+                        for j in range(1, mixes + 1)})
+        for stop in stops:
+            prefix = masks_pruning(*built[prefix_order][:2], stop)
+            searches += [(f"{prefix_order}+{order}", *cutter(order, prefix), stop) for order in rest]
     candidates, best, closest = {}, None, 1.0
-    for order in orders:
-        ranks, always, units = pruning_order(prepared, order, scope)
-
-        def cut(count: int) -> dict[str, torch.Tensor]:
-            return revive_free_stripes(estimator, masks_pruning(ranks, always, count), always)
-
-        def seconds(count: int) -> float:
-            return estimator.estimate(cut(count)).seconds
-
-        count = first_index_within(seconds, budget, 0, units)
-        masks = cut(count)
+    for name, raw, always, units, stop in searches:
+        count = smallest(raw, always, units, budget)
+        masks = revive_free_stripes(estimator, raw(count), always)
         estimate = estimator.estimate(masks)
         ratio = estimate.seconds / dense
         closest = min(closest, ratio)
         kept = kept_importance(masks, scores)
-        candidates[order] = {"pruned_units": count, "latency_ratio": ratio, "kept_importance": kept,
-                             "meets_target": ratio <= latency_target}
+        pruned = count if stop is None else [stop, count]
+        found = {"pruned_units": pruned, "latency_ratio": ratio, "kept_importance": kept,
+                 "meets_target": ratio <= latency_target}
+        if name not in candidates or (found["meets_target"], kept) > (candidates[name]["meets_target"],
+                                                                        candidates[name]["kept_importance"]):
+            candidates[name] = found
         if ratio <= latency_target and (best is None or kept > best[0]):
-            best = (kept, order, count, masks, estimate, ratio)
+            best = (kept, name, pruned, masks, estimate, ratio)
     if best is None:
         raise ValueError(f"swpfx.convert: latency_target={latency_target} is not reachable on this model; the "
                          f"closest reachable value is {closest:.3f} of the dense latency (runtime model: "

@@ -501,7 +501,7 @@ def central_filter(model: nn.Module, calibration_batches, rate, example_inputs, 
         convs = [c for t in targets for c in t.measured]
         if convs:
             example = normalize_example_inputs(example_inputs)
-            similarity.update(measure_channel_similarity(gm, convs, calibration_batches, example))
+            similarity.update(measure_channel_similarity(gm, convs, calibration_batches, example).similarity)
 
     def choose(gm: fx.GraphModule, target: PruneTarget) -> Selection:
         s = torch.stack([similarity[c] for c in target.measured]).mean(dim=0).cpu().numpy()

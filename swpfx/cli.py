@@ -178,7 +178,7 @@ def run_bench(spec: str, shape, protocol="random", batch=1, threshold=0.05, lowe
 
     from swpfx.convert import convert
     from swpfx.cost import conv_decisions, cost
-    from swpfx.timing import ort_latency_ms
+    from swpfx.timing import latencies
     from swpfx.export import export_onnx
     from swpfx.synthetic import synthetic_skeletons_
 
@@ -194,12 +194,15 @@ def run_bench(spec: str, shape, protocol="random", batch=1, threshold=0.05, lowe
     else:
         deployed = convert(prepared, threshold=threshold, lowering=lowering, example_inputs=(x,))
     dense_cost, pruned_cost = cost(model, (x,)), cost(deployed, (x,))
+    peer = peer_at_latency(model, x, deployed.meta["swpfx"]["cut"]["latency_ratio"]) if latency_target else None
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(keep_dir) if keep_dir else Path(tmp)
         dense_file = export_onnx(model, (x,), folder / "dense.onnx")
         pruned_file = export_onnx(deployed, (x,), folder / "pruned.onnx")
-        times = ort_latency_ms({"dense": dense_file.path, "converted": pruned_file.path}, x, rounds=repeats,
-                               threads=threads)
+        paths = {"dense": dense_file.path, "converted": pruned_file.path}
+        if peer is not None:
+            paths["torch-pruning"] = export_onnx(peer["model"], (x,), folder / "torch_pruning.onnx").path
+        times = latencies(paths, (x,), threads=threads, rounds=repeats, blocks=3)
     speedup = times["dense"] / times["converted"]
     forms = Counter(conv_decisions(deployed).values())
     cut = deployed.meta["swpfx"]["cut"]
@@ -210,7 +213,7 @@ def run_bench(spec: str, shape, protocol="random", batch=1, threshold=0.05, lowe
     lines = [
         f"### swpfx bench {spec}: protocol {protocol}, input {','.join(map(str, x.shape))}, {how}",
         "",
-        "| model | FLOPs executed | FLOPs effective | params | ORT ms (median of %d) |" % repeats,
+        "| model | FLOPs executed | FLOPs effective | params | ORT ms (min of 3 medians of %d) |" % repeats,
         "|---|---|---|---|---|",
         _bench_row("dense", dense_cost, times["dense"]),
         _bench_row("converted", pruned_cost, times["converted"]),
@@ -222,7 +225,37 @@ def run_bench(spec: str, shape, protocol="random", batch=1, threshold=0.05, lowe
         "Executed FLOPs: what the converted graph runs; effective FLOPs: kept stripes only (the SWP paper's count). "
         "Realised fraction = ORT speed-up / FLOP ratio.",
     ]
+    if peer is not None:
+        lines += ["", peer_line(peer, dense_cost, cost(peer["model"], (x,)), times)]
     return "\n".join(lines)
+
+
+def peer_at_latency(model, x, ratio: float) -> dict | None:
+    """Torch-Pruning (``round_to`` = the channel block) at the mildest ratio predicted as fast as swpfx's cut."""
+    try:
+        import torch_pruning  # noqa: F401
+    except ImportError:
+        return None
+    from swpfx.peers import mildest_meeting, predicted_seconds, torch_pruning_prune
+    from swpfx.runtime_model import channel_block, default_runtime_model
+
+    runtime_model = default_runtime_model()
+    dense = predicted_seconds(model, x, runtime_model)
+    found = mildest_meeting(lambda r: torch_pruning_prune(model, (x,), r, round_to=channel_block()),
+                            lambda m: predicted_seconds(m, x, runtime_model) / dense, ratio)
+    return {**found, "round_to": channel_block()}
+
+
+def peer_line(peer: dict, dense_cost, peer_cost, times: dict) -> str:
+    """One line: Torch-Pruning at swpfx's predicted latency, measured in the same interleaved run."""
+    speedup = times["dense"] / times["torch-pruning"]
+    flops = dense_cost.flops / max(peer_cost.flops, 1)
+    reach = "" if peer["meets_target"] else " (no ratio reaches swpfx's predicted latency: its fastest)"
+    return (f"Torch-Pruning (group L2 magnitude, round_to={peer['round_to']}) at pruning ratio {peer['knob']:.3f}, "
+            f"predicted {peer['predicted_ratio']:.3f} of dense{reach}: measured "
+            f"{times['torch-pruning'] / times['dense']:.3f} of dense ({times['torch-pruning']:.3f} ms), FLOP ratio "
+            f"{flops:.2f}× (realised fraction {speedup / flops:.2f}), params {peer_cost.params / 1e6:.3f} M. "
+            "Weights are random: this compares speed, not accuracy.")
 
 
 def _bench_row(name: str, report, ms: float) -> str:
@@ -256,7 +289,8 @@ def cmd_demo(args) -> int:
 
     run_demo(out=args.out, epochs=args.epochs, seed=args.seed, quick=args.quick, subset=args.subset,
              sparsity=args.sparsity, latency_batch=args.latency_batch, threads=args.threads,
-             progress=not args.no_progress, channel_multiple=args.channel_multiple)
+             progress=not args.no_progress, channel_multiple=args.channel_multiple,
+             latency_target=args.latency_target)
     return 0
 
 
@@ -265,17 +299,19 @@ def cmd_calibrate(args) -> int:
 
     from tabulate import tabulate
 
-    from swpfx.runtime_model import CALIBRATION_SHAPES, cache_path, calibrate, channel_block, machine_key
+    from swpfx.runtime_model import (CALIBRATION_SHAPES, DENSE_CALIBRATION_SHAPES, cache_path, calibrate,
+                                     channel_block, machine_key)
 
     path = args.out or cache_path()
     shapes = CALIBRATION_SHAPES[::3] if args.quick else CALIBRATION_SHAPES
+    dense_shapes = DENSE_CALIBRATION_SHAPES[::4] if args.quick else DENSE_CALIBRATION_SHAPES
     print(f"machine: {machine_key()}  (NCHWc channel block {channel_block()})")
     start = time.perf_counter()
     model = calibrate(cache=path, shapes=shapes, rounds=args.rounds, threads=args.threads,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, dense_shapes=dense_shapes)
     print(tabulate([[k, f"{v:.3e}"] for k, v in model.coefficients.items()], headers=["work", "seconds per unit"]))
-    print(f"fitted on {len(shapes)} conv shapes × 2 mask protocols in {time.perf_counter() - start:.0f} s; "
-          f"saved to {path}")
+    print(f"fitted on {len(shapes)} conv shapes × 2 mask protocols and {len(dense_shapes)} dense-only shapes in "
+          f"{time.perf_counter() - start:.0f} s; saved to {path}")
     return 0
 
 
@@ -303,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="seed for initialisation and batch order (default: 0)")
     demo.add_argument("--sparsity", type=_sparsity, default=0.6,
                       help="fraction of all stripes the gradual rule prunes during training (default: 0.6)")
+    demo.add_argument("--latency-target", type=_fraction, default=None, metavar="T",
+                      help="train with swpfx.BudgetPruner for a predicted ORT latency of T x the dense net's "
+                           "(instead of --sparsity); calibrates the runtime model on first use")
     demo.add_argument("--channel-multiple", type=_positive_int, default=None,
                       help="round kept filters per conv to a multiple of this (ONNX Runtime's blocked conv layout "
                            "wants 16 with AVX-512, 8 with AVX2; 1 = no rounding; default: this CPU's block)")

@@ -107,14 +107,15 @@ def zero_weight_masks(model: nn.Module) -> dict[nn.Parameter, torch.Tensor]:
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float, seed: int, *,
           prepared: bool = False, sparsity: float = 0.0, alpha: float = 0.0, threshold: float = 0.0,
           keep_zeros: bool = False, desc: str = "train", progress: bool = True,
-          weight_decay: float = WEIGHT_DECAY) -> list[dict]:
+          weight_decay: float = WEIGHT_DECAY, pruner=None) -> list[dict]:
     """Adam(W) with a one-cycle schedule; returns per-epoch ``{"loss", "accuracy"}`` (training set, running).
 
     ``prepared``: ``model`` is a ``swpfx.prepare`` result and skeletons get no
     weight decay. With ``sparsity`` the gradual rule runs after every optimizer
     step; with ``alpha``/``threshold`` the reference rule runs after every
-    backward. ``keep_zeros``: conv weights that are exactly zero (pruned stripes of
-    a converted model) stay zero.
+    backward. ``pruner`` (a :class:`swpfx.BudgetPruner` of ``model``) steps after
+    every optimizer step instead. ``keep_zeros``: conv weights that are exactly
+    zero (pruned stripes of a converted model) stay zero.
     """
     import swpfx
 
@@ -146,7 +147,9 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: f
             optimizer.step()
             schedule.step()
             step += 1
-            if prepared and sparsity:
+            if pruner is not None:
+                pruner.step(step / total_steps)
+            elif prepared and sparsity:
                 swpfx.regularize_skeletons_(model, sparsity=sparsity, progress=step / total_steps)
             if masks:
                 with torch.no_grad():
@@ -186,8 +189,14 @@ def conv_flops_by_layer(report, names) -> dict[str, int]:
 
 def run_demo(out="demo-out", epochs: int | None = None, seed: int = 0, quick: bool = False, subset: int | None = None,
              sparsity: float = SPARSITY, latency_batch: int = 64, threads: int = 2, progress: bool = True,
-             finetune_epochs: int | None = None, channel_multiple: int | None = CHANNEL_MULTIPLE, log=print) -> dict:
+             finetune_epochs: int | None = None, channel_multiple: int | None = CHANNEL_MULTIPLE,
+             latency_target: float | None = None, log=print) -> dict:
     """Run the demo, write its files to ``out``, print a report; returns the metrics dict.
+
+    ``latency_target`` trains with :class:`swpfx.BudgetPruner` instead of the
+    gradual rule: the cut whose predicted ORT latency (at ``latency_batch``) is at
+    most that fraction of the dense net's, ramped in while the net trains
+    (``sparsity`` is then unused).
 
     ``quick`` is a smoke run for CI (1 epoch on 1,000 images, short timing); its
     accuracy and speed say nothing.
@@ -212,24 +221,30 @@ def run_demo(out="demo-out", epochs: int | None = None, seed: int = 0, quick: bo
     dense = demo_cnn()
     torch.manual_seed(seed)
     prepared = swpfx.prepare(demo_cnn(), example)  # the same initial weights as the unpruned baseline
-    log(f"training {epochs} epochs (AdamW lr {LR}): the unpruned baseline, then the prepared net with the gradual "
-        f"rule ({sparsity:.0%} of its {sum(s.numel() for s in swpfx.skeletons(prepared).values())} stripes pruned by "
-        "2/3 of training)")
+    stripes = sum(s.numel() for s in swpfx.skeletons(prepared).values())
+    rule = (f"BudgetPruner (latency_target={latency_target}: the cut predicted to run at that fraction of the dense "
+            f"latency, ramped in by 2/3 of training)" if latency_target is not None else
+            f"the gradual rule ({sparsity:.0%} of its {stripes} stripes pruned by 2/3 of training)")
+    log(f"training {epochs} epochs (AdamW lr {LR}): the unpruned baseline, then the prepared net with {rule}")
     t0 = time.perf_counter()
     train(dense, x_train, y_train, epochs, LR, seed, desc="train unpruned", progress=progress)
     acc_dense = accuracy(dense, x_test, y_test)
+    if channel_multiple is None:
+        from swpfx.runtime_model import channel_block
+
+        channel_multiple = channel_block()
+    pruner = None
+    if latency_target is not None:
+        pruner = swpfx.BudgetPruner(prepared, latency_target=latency_target, example_inputs=(x_test[:latency_batch],),
+                                    channel_multiple=channel_multiple)
     train(prepared, x_train, y_train, epochs, LR, seed, prepared=True, sparsity=sparsity, desc="train pruning",
-          progress=progress)
+          progress=progress, pruner=pruner)
     train_s = time.perf_counter() - t0
     acc_trained = accuracy(prepared, x_test, y_test)
     report = swpfx.sparsity(prepared, threshold=0.0)
     log(f"trained in {train_s:.0f} s: unpruned {acc_dense:.4f}, pruning {acc_trained:.4f}\n{report}")
 
     t0 = time.perf_counter()
-    if channel_multiple is None:
-        from swpfx.runtime_model import channel_block
-
-        channel_multiple = channel_block()
     deployed = swpfx.convert(prepared, threshold=0.0, example_inputs=example, channel_multiple=channel_multiple)
     convert_s = time.perf_counter() - t0
     acc_converted = accuracy(deployed, x_test, y_test)
@@ -292,7 +307,9 @@ def run_demo(out="demo-out", epochs: int | None = None, seed: int = 0, quick: bo
         "onnx_max_rel_err": max(dense_file.max_rel_error, pruned_file.max_rel_error),
         "onnx_max_rel_err_dense": dense_file.max_rel_error,
         "onnx_max_rel_err_pruned": pruned_file.max_rel_error,
-        "sparsity_target": sparsity,
+        "sparsity_target": sparsity if latency_target is None else None,
+        "latency_target": latency_target,
+        "predicted_latency_ratio": pruner.report["latency_ratio"] if pruner is not None else None,
         "pruned_stripe_fraction": report.stripe_fraction,
         "stripes_pruned_in_surviving_filters": report.pruned_in_surviving,
         "channel_multiple": channel_multiple,

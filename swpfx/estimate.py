@@ -33,12 +33,13 @@ import torch
 from torch import fx, nn
 
 from swpfx.passes.analyze_channels import ChannelAnalysis, analyze_channels
+from swpfx.passes.channel_rules import kept_groups
 from swpfx.passes.count_costs import lowered_instance
 from swpfx.passes.fold_skeletons import fold_skeletons
 from swpfx.passes.form_work import dense_work, executed_macs, form_work
 from swpfx.passes.graph_utils import swpfx_meta
 from swpfx.passes.lower_stripe_convs import channelwise_followers, is_lowerable, used_once
-from swpfx.passes.remove_channels import (_constant_sources, dense_input_weight, has_zero_padding, keep_indices,
+from swpfx.passes.remove_channels import (constant_sources, dense_input_weight, has_zero_padding, keep_indices,
                                           plan_removal)
 from swpfx.passes.stripe_geometry import ConvGeometry, supported_forms
 from swpfx.prepare import skeletons
@@ -158,9 +159,7 @@ def _geometry_after_removal(site: _ConvSite, out_keep, in_keep) -> ConvGeometry:
     if groups > 1 and groups == in_ch:  # depthwise: one group per kept channel
         groups = in_n
     elif groups > 1:
-        out_idx = torch.arange(out_ch) if out_keep is None else out_keep
-        in_idx = torch.arange(in_ch) if in_keep is None else in_keep
-        groups = len(torch.unique(torch.cat([in_idx // (in_ch // groups), out_idx // (out_ch // groups)])))
+        groups = len(kept_groups(groups, in_ch, out_ch, out_keep, in_keep))
     return ConvGeometry(in_n, out_n, g.kernel, g.stride, g.dilation, g.pads, groups, g.input_hw)
 
 
@@ -188,7 +187,7 @@ class ConversionEstimate:
         self.gm = gm
         self.analysis: ChannelAnalysis = analyze_channels(gm, probe)
         self.probe_batch = max(next((x.shape[0] for x in probe if isinstance(x, torch.Tensor) and x.dim()), 1), 1)
-        self.sources, self.unfoldable = _constant_sources(gm, self.analysis)
+        self.sources, self.unfoldable = constant_sources(gm, self.analysis)
         self.convs: list[_ConvSite] = []
         self.linears: list[tuple[fx.Node, nn.Linear]] = []
         self.others: list[fx.Node] = []

@@ -49,7 +49,8 @@ from scipy.optimize import nnls
 from torch import fx, nn
 
 from swpfx.export import ort_session
-from swpfx.passes.form_work import WORK_KINDS, candidate_work, form_work  # noqa: F401  (re-exported)
+from swpfx.passes.form_work import WORK_KINDS as FORM_WORK_KINDS
+from swpfx.passes.form_work import candidate_work, form_work  # noqa: F401  (re-exported)
 from swpfx.passes.lower_stripe_convs import lower_conv, mark_stripe_conv
 from swpfx.passes.stripe_geometry import ConvGeometry, supported_forms
 from swpfx.timing import time_sessions
@@ -75,6 +76,7 @@ CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sw
 # machine the model runs on.
 DEFAULT_COEFFICIENTS = {
     "conv_macs": 9.78e-12,
+    "nchw_macs": 2.5e-11,  # not fitted on that machine; about 2.5x conv_macs, as measured on its successor
     "onehot_macs": 1.40e-10,
     "onehot_groups": 2.54e-7,
     "copy_elems": 2.66e-10,
@@ -109,6 +111,36 @@ def channel_block(flags: set[str] | None = None) -> int:
     return 1
 
 
+def runs_nchwc(in_channels: int, out_channels: int, groups: int, block: int) -> bool:
+    """Whether ONNX Runtime's NCHWc transformer puts this conv on its channel-blocked path (else plain NCHW).
+
+    The rule of ORT's ``NchwcTransformer``: an ungrouped conv needs its input
+    channels to be a multiple of the block, or fewer than one block (a stem
+    reading the image); its output channels are padded up. A grouped conv needs
+    a block multiple of output channels and is either depthwise or has block
+    multiples of channels per group. Off that path ORT runs im2col and a GEMM,
+    several times slower per MAC, and reorders tensors at the layout boundaries.
+
+    >>> runs_nchwc(64, 40, 1, 16), runs_nchwc(40, 64, 1, 16), runs_nchwc(3, 64, 1, 16), runs_nchwc(40, 64, 1, 8)
+    (True, False, True, True)
+    >>> runs_nchwc(48, 48, 48, 16), runs_nchwc(40, 40, 40, 16), runs_nchwc(64, 64, 2, 16), runs_nchwc(64, 64, 8, 16)
+    (True, False, True, False)
+    """
+    if block <= 1:
+        return True
+    if groups == 1:
+        return in_channels < block or in_channels % block == 0
+    if out_channels % block:
+        return False
+    if in_channels == groups and out_channels == groups:  # depthwise
+        return True
+    return (in_channels // groups) % block == 0 and (out_channels // groups) % block == 0
+
+
+# the runtime model's work kinds: the forms' (form_work.WORK_KINDS) and conv MACs ORT runs off its NCHWc path
+WORK_KINDS = (*FORM_WORK_KINDS, "nchw_macs")
+
+
 def machine_key() -> str:
     """What a calibration is valid for: CPU model, vector ISA (as its channel block) and ORT version."""
     import platform
@@ -139,8 +171,10 @@ class RuntimeModel:
     ``latency = Σ coefficient[kind] · work[kind]`` with the kinds of ``WORK_KINDS``
     (dense-GEMM MACs, one-hot grouped-conv MACs and groups, elements copied by
     pad/slice/concat/gather/sum, op count), the work of
-    :func:`swpfx.passes.form_work.form_work`. ``pays(lowered, dense)`` is the
-    "auto" rule: lower only if predicted faster than ``margin`` × dense.
+    :func:`swpfx.passes.form_work.form_work`; GEMM MACs of a conv whose layout is
+    off ORT's NCHWc path for ``block`` (:func:`runs_nchwc`) are priced as
+    ``nchw_macs``. ``pays(lowered, dense)`` is the "auto" rule: lower only if
+    predicted faster than ``margin`` × dense.
 
     >>> model = RuntimeModel()
     >>> import torch; from torch import nn
@@ -155,9 +189,28 @@ class RuntimeModel:
     margin: float = 0.85
     source: str = "shipped default"
     machine: str = ""
+    block: int = field(default_factory=lambda: channel_block())
+
+    def priced(self, work: dict) -> dict:
+        """``work``'s amounts by the kinds this model prices: GEMM MACs off the NCHWc path become ``nchw_macs``.
+
+        >>> RuntimeModel(block=16).priced({"conv_macs": 100, "ops": 1, "layout": (40, 64, 1)})
+        {'ops': 1, 'nchw_macs': 100}
+        >>> RuntimeModel(block=16).priced({"conv_macs": 100, "ops": 1, "layout": (64, 40, 1)})  # 48 filters computed
+        {'conv_macs': 120.0, 'ops': 1}
+        """
+        amounts = {k: v for k, v in work.items() if k != "layout"}
+        shape = work.get("layout")
+        if shape is None or "conv_macs" not in amounts:
+            return amounts
+        if not runs_nchwc(*shape, self.block):
+            amounts["nchw_macs"] = amounts.pop("conv_macs") + amounts.get("nchw_macs", 0)
+        elif shape[1] % self.block:  # ORT pads the filters to a block multiple and computes the padding too
+            amounts["conv_macs"] = amounts["conv_macs"] * -(-shape[1] // self.block) * self.block / shape[1]
+        return amounts
 
     def predict(self, work: dict, batch: int = 1) -> float:
-        return sum(self.coefficients[k] * v * (1 if k == "ops" else batch) for k, v in work.items())
+        return sum(self.coefficients[k] * v * (1 if k == "ops" else batch) for k, v in self.priced(work).items())
 
     def pays(self, lowered: float, dense: float) -> bool:
         return lowered < self.margin * dense
@@ -186,13 +239,13 @@ class RuntimeModel:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"coefficients": self.coefficients, "margin": self.margin,
-                                    "machine": self.machine}, indent=1))
+                                    "machine": self.machine, "block": self.block}, indent=1))
 
     @classmethod
     def load(cls, path) -> RuntimeModel:
         data = json.loads(Path(path).read_text())
         return cls(coefficients={**DEFAULT_COEFFICIENTS, **data["coefficients"]}, margin=data.get("margin", 0.85),
-                   source=str(path), machine=data.get("machine", ""))
+                   source=str(path), machine=data.get("machine", ""), block=data.get("block", channel_block()))
 
 
 def default_runtime_model(cache=None, calibrate_if_missing: bool = False, progress: bool = True) -> RuntimeModel:
@@ -224,6 +277,20 @@ CALIBRATION_SHAPES = [
     (256, 256, 3, 1, 1, 14),
     (256, 512, 3, 2, 1, 14),
     (512, 512, 3, 1, 1, 7),
+]
+# Timed dense only (at batch 1 and CALIBRATION_BATCH): a linear model fitted on every form at these scales as well
+# predicts ResNet-18's lowered graphs worse (measured 0.56-0.67 of dense at a predicted 0.5, against 0.51-0.54).
+DENSE_CALIBRATION_SHAPES = [
+    # channel counts that are no multiple of 8 or 16, as a channel pruner leaves them: ORT's NCHW path (nchw_macs)
+    (60, 60, 3, 1, 1, 56),
+    (100, 100, 3, 1, 1, 28),
+    (196, 196, 3, 1, 1, 14),
+    # small nets (the demo's widths at 28², 14², 7²), aligned and not
+    (32, 32, 3, 1, 1, 28),
+    (64, 64, 3, 1, 1, 14),
+    (26, 26, 3, 1, 1, 28),
+    (52, 52, 3, 1, 1, 14),
+    (52, 52, 3, 1, 1, 7),
 ]
 
 
@@ -308,12 +375,25 @@ def fit_coefficients(rows: list[tuple[dict, float]]) -> dict:
     return {k: float(c / s) for k, c, s in zip(WORK_KINDS, coef, scale)}
 
 
+CALIBRATION_BATCH = 32
+
+
+def _dense_row_at_batch(gm, x, work: dict, rounds: int, threads: int, generator) -> tuple[dict, float]:
+    """(work of the dense conv at ``CALIBRATION_BATCH`` samples, its measured seconds)."""
+    xb = torch.randn(CALIBRATION_BATCH, *x.shape[1:], generator=generator)
+    (session,) = exported_sessions([gm], xb, threads)
+    seconds = time_sessions({"dense": session}, xb, rounds=rounds, blocks=3)["dense"]
+    return {k: v * (1 if k == "ops" else CALIBRATION_BATCH) for k, v in work.items()}, seconds
+
+
 def calibrate(cache="default", shapes=CALIBRATION_SHAPES, rounds: int = 20, seed: int = 0,
-              threads: int = 2, progress: bool = True) -> RuntimeModel:
+              threads: int = 2, progress: bool = True, dense_shapes=DENSE_CALIBRATION_SHAPES) -> RuntimeModel:
     """Time dense and every lowering on representative conv shapes in ORT, fit a RuntimeModel, cache it.
 
-    Each shape is tried with both mask protocols of ``swpfx.masks``; every
-    candidate is exported with ``swpfx.export_onnx`` and timed in a session of
+    Each of ``shapes`` is tried with both mask protocols of ``swpfx.masks``, and
+    its dense conv also at ``CALIBRATION_BATCH`` samples; each of
+    ``dense_shapes`` as a dense conv only, at both batch sizes. Every candidate is
+    exported with ``swpfx.export_onnx`` and timed in a session of
     :func:`swpfx.export.ort_session` (thread spinning off), interleaved. About
     two minutes on 2 cores. ``cache="default"`` writes :func:`cache_path`;
     ``None`` writes nothing.
@@ -324,17 +404,22 @@ def calibrate(cache="default", shapes=CALIBRATION_SHAPES, rounds: int = 20, seed
     from swpfx.progress import progress_bar
 
     generator = torch.Generator().manual_seed(seed)
+    pricing = RuntimeModel()  # this machine's NCHWc block classifies the work
     rows = []
     jobs = [(shape, make) for shape in shapes for make in (random_stripe_mask, structured_stripe_mask)]
+    jobs += [(shape, None) for shape in dense_shapes]
     for (c_in, c_out, k, stride, padding, hw), make in progress_bar(jobs, "calibrating ORT", progress):
-        mask = make(c_out, k, k, generator=generator)
+        mask = make(c_out, k, k, generator=generator) if make else torch.ones(c_out, k, k, dtype=torch.bool)
         mask = mask[mask.flatten(1).any(1)]
         gm, x = stripe_conv_module(c_in, mask, k, stride, padding, hw, seed)
         geometry = ConvGeometry.of(gm.get_submodule("0"), x.shape)
-        work = candidate_work(geometry, mask, supported_forms(geometry))
+        work = candidate_work(geometry, mask, supported_forms(geometry) if make else ())
         times = measure_candidates(gm, x, list(work), rounds=rounds, threads=threads)
-        rows.extend((work[key], times[key]) for key in work)
-    model = RuntimeModel(coefficients=fit_coefficients(rows), source="calibrated", machine=machine_key())
+        rows.extend((pricing.priced(work[key]), times[key]) for key in work)
+        # the dense conv at a batch too: ORT's NCHW path falls behind there
+        rows.append(_dense_row_at_batch(gm, x, pricing.priced(work[("dense", ())]), rounds, threads, generator))
+    model = RuntimeModel(coefficients=fit_coefficients(rows), source="calibrated", machine=machine_key(),
+                         block=pricing.block)
     if cache is not None:
         path = cache_path() if cache == "default" else Path(cache)
         model.save(path)

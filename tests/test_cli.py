@@ -120,3 +120,18 @@ def test_runtime_failure_exits_1(capsys, tmp_path, monkeypatch):
     code, _, err = run(capsys, "cost", "broken_models_for_cli:net")
     assert code == 1
     assert "weights file is corrupt" in err and "Traceback" not in err
+
+
+def test_bench_latency_target_reports_torch_pruning_at_the_same_predicted_latency(capsys, monkeypatch):
+    import swpfx.runtime_model as rm
+
+    monkeypatch.setattr(rm, "default_runtime_model", lambda *a, **k: rm.RuntimeModel())  # no calibration in tests
+    code, out, err = run(capsys, "bench", DEMO_NET, "--input", "1,28,28", "--batch", "4", "--repeats", "3",
+                         "--latency-target", "0.6")
+    assert code == 0, err
+    predicted = float(re.search(r"predicted latency ratio ([\d.]+)", out).group(1))
+    assert predicted <= 0.6
+    peer = re.search(r"Torch-Pruning \(group L2 magnitude, round_to=(\d+)\) at pruning ratio ([\d.]+), "
+                     r"predicted ([\d.]+) of dense.*measured ([\d.]+) of dense.*realised fraction ([\d.]+)", out)
+    assert peer is not None, out
+    assert int(peer.group(1)) == rm.channel_block() and float(peer.group(3)) <= predicted + 1e-9

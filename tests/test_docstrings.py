@@ -47,6 +47,8 @@ MODULES = [
     "swpfx.passes.channel_rules",
     "swpfx.cli",
     "swpfx.pipeline",
+    "swpfx.budget_pruner",
+    "swpfx.peers",
 ]
 # Modules without examples of their own, and why.
 EXEMPT = {

@@ -144,7 +144,7 @@ def test_measure_matches_eager_post_activation_maps():
     batches = [torch.randn(3, 3, 8, 8), (torch.randn(2, 3, 8, 8), torch.tensor([0, 1]))]
     gm = trace(model)
     code_before = gm.code
-    result = measure_channel_similarity(gm, ["conv1", "conv2"], batches)
+    result = measure_channel_similarity(gm, ["conv1", "conv2"], batches).similarity
 
     with torch.no_grad():
         xs = torch.cat([batches[0], batches[1][0]])
@@ -163,7 +163,7 @@ def test_measure_runs_in_eval_mode_and_restores_training_flag():
     gm = trace(model)
     x = torch.randn(4, 3, 8, 8)
     before = gm.bn1.running_mean.clone()
-    result = measure_channel_similarity(gm, ["conv1"], [x])
+    result = measure_channel_similarity(gm, ["conv1"], [x]).similarity
     assert gm.training
     assert torch.equal(gm.bn1.running_mean, before)  # BN statistics untouched
     with torch.no_grad():
@@ -230,6 +230,6 @@ def test_dataloader_batches_work():
     data = torch.utils.data.TensorDataset(torch.randn(10, 3, 8, 8), torch.arange(10))
     loader = torch.utils.data.DataLoader(data, batch_size=4)
     gm = trace(randomize_batchnorm_(ConvBnRelu(), 0).eval())
-    result = measure_channel_similarity(gm, ["conv1"], loader)
+    result = measure_channel_similarity(gm, ["conv1"], loader).similarity
     assert result["conv1"].shape == (6, 6)
     assert torch.isfinite(result["conv1"]).all()

@@ -11,6 +11,7 @@ from swpfx.passes.fold_batchnorm_into_sums import fold_batchnorm_into_sums
 from swpfx.passes.fold_skeletons import fold_skeletons
 from swpfx.passes.insert_skeletons import insert_skeletons
 from swpfx.passes.lower_stripe_convs import lower_stripe_convs
+from swpfx.passes.measure_channel_similarity import measure_channel_similarity
 from swpfx.passes.pass_result import PassResult
 from swpfx.passes.remove_channels import remove_channels
 from swpfx.tracing import trace
@@ -26,6 +27,8 @@ def test_each_pass_returns_its_graph_module_and_whether_it_changed_it():
     masks[names[1]][:8] = False  # 8 dead filters in one conv
     results["fold_skeletons"] = fold_skeletons(gm, masks)
     results["analyze_channels"] = analyze_channels(gm, (x,))
+    first_conv = next(n.name for n in gm.graph.nodes if n.op == "call_module" and "conv" in n.name)
+    results["measure_channel_similarity"] = measure_channel_similarity(gm, [first_conv], [x.repeat(2, 1, 1, 1)])
     dead = {n.name: list(range(8)) for n in gm.graph.nodes if n.meta.get("swpfx", {}).get("conv") == names[1]}
     results["remove_channels"] = remove_channels(gm, (x,), dead, fold_constants=True)
     results["fold_batchnorm_into_sums"] = fold_batchnorm_into_sums(gm)
@@ -38,5 +41,7 @@ def test_each_pass_returns_its_graph_module_and_whether_it_changed_it():
     assert results["insert_skeletons"].modified and results["fold_skeletons"].modified
     assert results["remove_channels"].modified and results["remove_channels"].removed
     assert not results["analyze_channels"].modified and not results["count_costs"].modified
+    assert not results["measure_channel_similarity"].modified
+    assert results["measure_channel_similarity"].similarity[first_conv].shape == (64, 64)
     assert not results["lower_stripe_convs"].modified  # lowering="never" keeps every conv
     gm.graph.lint()

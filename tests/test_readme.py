@@ -30,3 +30,16 @@ def test_readme_example_runs(tmp_path, monkeypatch, capsys):
     assert "def forward" in out  # print(deployed.code)
     assert "reduction" in out  # the compare table
     assert (tmp_path / "pruned.onnx").stat().st_size > 0
+
+
+def test_readme_latency_budget_example_runs(monkeypatch, capsys):
+    import swpfx.runtime_model as rm
+
+    monkeypatch.setattr(rm, "default_runtime_model", lambda *a, **k: rm.RuntimeModel())  # no calibration in tests
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+              if "BudgetPruner(" in b]
+    assert blocks, "README.md has no BudgetPruner example"
+    exec(compile(blocks[0], "README.md", "exec"), {"__name__": "readme"})
+    out = capsys.readouterr().out
+    ratio = float(re.search(r"predicted latency: ([\d.]+) of dense", out).group(1))
+    assert ratio <= 0.5 and "predicted ms" in out

@@ -9,7 +9,7 @@ import torch
 
 import swpfx.runtime_model as rm
 from swpfx.cli import main
-from swpfx.passes.form_work import WORK_KINDS
+from swpfx.runtime_model import WORK_KINDS
 
 
 def test_channel_block_follows_the_vector_isa():
@@ -30,7 +30,8 @@ def test_cache_path_names_cpu_and_onnxruntime_version(tmp_path):
 
 def test_calibrate_fits_every_kind_from_exported_graphs_and_caches(tmp_path):
     path = tmp_path / "rm.json"
-    model = rm.calibrate(cache=path, shapes=[(16, 16, 3, 1, 1, 8)], rounds=2, progress=False)
+    model = rm.calibrate(cache=path, shapes=[(16, 16, 3, 1, 1, 8)], rounds=2, progress=False,
+                         dense_shapes=[(12, 20, 3, 1, 1, 8), (20, 20, 3, 1, 1, 8)])
     assert set(model.coefficients) == set(WORK_KINDS)
     assert all(c >= 0 for c in model.coefficients.values()) and model.coefficients["conv_macs"] > 0
     saved = json.loads(path.read_text())
@@ -56,14 +57,15 @@ def test_missing_calibration_is_measured_on_request_and_announced(tmp_path, monk
 def test_cli_calibrate_writes_the_file_it_names(tmp_path, monkeypatch, capsys):
     seen = {}
 
-    def fake_calibrate(cache, shapes, rounds, threads, progress):
-        seen.update(cache=cache, shapes=shapes, rounds=rounds, threads=threads)
+    def fake_calibrate(cache, shapes, rounds, threads, progress, dense_shapes):
+        seen.update(cache=cache, shapes=shapes, rounds=rounds, threads=threads, dense_shapes=dense_shapes)
         return rm.RuntimeModel()
 
     monkeypatch.setattr(rm, "calibrate", fake_calibrate)
     out = tmp_path / "cal.json"
     assert main(["calibrate", "--out", str(out), "--rounds", "3", "--quick", "--no-progress"]) == 0
     assert seen["cache"] == str(out) and seen["rounds"] == 3 and len(seen["shapes"]) < len(rm.CALIBRATION_SHAPES)
+    assert len(seen["dense_shapes"]) < len(rm.DENSE_CALIBRATION_SHAPES)
     printed = capsys.readouterr().out
     assert "conv_macs" in printed and str(out) in printed
 
@@ -77,3 +79,20 @@ def test_latency_target_uses_the_given_runtime_model_without_calibrating(monkeyp
     x = torch.randn(1, 3, 16, 16)
     deployed = swpfx.convert(swpfx.prepare(model, (x,)), latency_target=0.8, runtime_model=rm.RuntimeModel())
     assert deployed.meta["swpfx"]["cut"]["runtime_model"] == "shipped default"
+
+
+def test_convs_off_the_nchwc_path_are_priced_as_nchw_macs_and_padded_outputs_as_computed():
+    from torch import nn
+
+    from swpfx.passes.form_work import dense_work
+    from swpfx.passes.stripe_geometry import ConvGeometry
+
+    model = rm.RuntimeModel(coefficients={**rm.DEFAULT_COEFFICIENTS, "conv_macs": 1e-11, "nchw_macs": 3e-11, "ops": 0},
+                            block=16)
+    aligned = dense_work(ConvGeometry.of(nn.Conv2d(32, 32, 3, padding=1), (1, 32, 14, 14)))
+    unaligned = dense_work(ConvGeometry.of(nn.Conv2d(26, 26, 3, padding=1), (1, 26, 14, 14)))
+    stem = dense_work(ConvGeometry.of(nn.Conv2d(3, 26, 3, padding=1), (1, 3, 14, 14)))  # < one block: NCHWc
+    assert model.priced(unaligned) == {"nchw_macs": unaligned["conv_macs"], "ops": 1}
+    assert model.predict(unaligned) > model.predict(aligned)  # fewer MACs, slower path
+    assert model.priced(stem)["conv_macs"] == pytest.approx(stem["conv_macs"] * 32 / 26)  # filters padded to 32
+    assert rm.RuntimeModel(block=1).priced(unaligned) == {"conv_macs": unaligned["conv_macs"], "ops": 1}
