@@ -41,7 +41,7 @@ import torch
 from .stripe_geometry import DEFAULT_MIN_GROUP, ConvGeometry, box_area, box_groups, stripe_count_buckets
 
 WORK_KINDS = ("conv_macs", "onehot_macs", "onehot_groups", "copy_elems", "ops")
-MAC_KINDS = ("conv_macs", "onehot_macs", "nchw_macs")  # nchw_macs: conv_macs a runtime runs off its blocked path
+MAC_KINDS = ("conv_macs", "onehot_macs")
 BOX_MIN_GROUPS = (8, 16, 32)  # the boxes partitions a form chooser tries
 
 

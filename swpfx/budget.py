@@ -180,9 +180,23 @@ def first_index_within(value, budget: float, lo: int, hi: int) -> int:
     return lo
 
 
-def _check_target(name: str, target) -> None:
-    if isinstance(target, bool) or not isinstance(target, (int, float)) or math.isnan(target) or not 0 < target <= 1:
-        raise ValueError(f"swpfx.convert: {name} must be a fraction in (0, 1], got {target!r}")
+def fewest_units(cost, raw, revived, budget: float, units: int) -> int:
+    """The fewest pruned units whose ``cost(masks)`` is ≤ ``budget``, by bisection on ``raw(count)`` masks.
+
+    Revival (:func:`revive_free_stripes`) keeps every conv's form, so it almost
+    never changes the cost and bisection can skip it; the count found is checked
+    on ``revived(count)`` and, if revival did change the cost, searched again with it.
+    """
+    count = first_index_within(lambda c: cost(raw(c)), budget, 0, units)
+    if cost(revived(count)) > budget:
+        count = first_index_within(lambda c: cost(revived(c)), budget, 0, units)
+    return count
+
+
+def check_fraction(name: str, value, caller: str = "convert") -> None:
+    """Raise a ValueError naming ``caller`` unless ``value`` is a number in (0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not 0 < value <= 1:
+        raise ValueError(f"swpfx.{caller}: {name} must be a fraction in (0, 1], got {value!r}")
 
 
 def _cut_report(estimate, masks, count: int, order: str, scope: str) -> dict:
@@ -206,7 +220,7 @@ def masks_for_flops_target(prepared: fx.GraphModule, flops_target: float, loweri
     """
     from swpfx.cost import cost
 
-    _check_target("flops_target", flops_target)
+    check_fraction("flops_target", flops_target)
     ranks, always, units = pruning_order(prepared, granularity, scope, sticky_zeros)
     dense_flops = cost(prepared, probe).flops
     estimator = ConversionEstimate(prepared, probe, lowering, channel_multiple, runtime_model)
@@ -216,11 +230,8 @@ def masks_for_flops_target(prepared: fx.GraphModule, flops_target: float, loweri
         return revive_free_stripes(estimator, masks_pruning(ranks, always, count), always)
 
     budget = flops_target * dense_flops
-    # bisection before revival (it keeps every conv's form, so almost never changes the FLOPs), redone if it does
-    count = first_index_within(lambda c: rest + estimator.estimate(masks_pruning(ranks, always, c)).flops,
-                               budget, 0, units)
-    if rest + estimator.estimate(cut(count)).flops > budget:
-        count = first_index_within(lambda c: rest + estimator.estimate(cut(c)).flops, budget, 0, units)
+    count = fewest_units(lambda masks: rest + estimator.estimate(masks).flops,
+                         lambda c: masks_pruning(ranks, always, c), cut, budget, units)
     masks = cut(count)
     estimate = estimator.estimate(masks)
     reached = (rest + estimate.flops) / dense_flops
@@ -250,7 +261,7 @@ def masks_for_latency_target(prepared: fx.GraphModule, latency_target: float, lo
     The winner keeps the most importance (:func:`kept_importance`). Returns
     ``(masks, report)`` with every order's best result under ``"candidates"``.
     """
-    _check_target("latency_target", latency_target)
+    check_fraction("latency_target", latency_target)
     if lowering == "never":
         raise ValueError("swpfx.convert: latency_target needs lowering='auto' (the runtime model picks the forms)")
     estimator = ConversionEstimate(prepared, probe, lowering, channel_multiple, runtime_model, batch=batch)
@@ -271,13 +282,8 @@ def masks_for_latency_target(prepared: fx.GraphModule, latency_target: float, lo
         return raw, always, units
 
     def smallest(raw, always, units: int, limit: float) -> int:
-        """The fewest units meeting ``limit``: bisection on the masks before revival (revival keeps the
-        forms, so it almost never changes the latency), checked and redone with revival if it does."""
-        count = first_index_within(lambda c: estimator.estimate(raw(c)).seconds, limit, 0, units)
-        if estimator.estimate(revive_free_stripes(estimator, raw(count), always)).seconds > limit:
-            count = first_index_within(
-                lambda c: estimator.estimate(revive_free_stripes(estimator, raw(c), always)).seconds, limit, 0, units)
-        return count
+        return fewest_units(lambda masks: estimator.estimate(masks).seconds, raw,
+                            lambda c: revive_free_stripes(estimator, raw(c), always), limit, units)
 
     searches = [(order, *cutter(order), None) for order in orders]
     prefix_order = "filter/ms" if "filter/ms" in built else "filter"

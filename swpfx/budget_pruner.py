@@ -40,7 +40,7 @@ import math
 import torch
 from torch import fx
 
-from swpfx.budget import masks_for_flops_target, masks_for_latency_target
+from swpfx.budget import check_fraction, masks_for_flops_target, masks_for_latency_target
 from swpfx.importance import DEFAULT_SCOPE
 from swpfx.prepare import _require_prepared, skeletons
 from swpfx.training import DEFAULT_RAMP
@@ -68,27 +68,23 @@ class BudgetPruner:
                  flops_target: float | None = None, example_inputs=None, ramp: float = DEFAULT_RAMP,
                  updates: int = DEFAULT_UPDATES, runtime_model=None, channel_multiple: int | None = None,
                  lowering: str = "auto", granularity: str = "stripe", scope: str = DEFAULT_SCOPE):
-        from swpfx.convert import _check_args, example_inputs_for
+        from swpfx.convert import _check_args, example_inputs_for, probe_and_batch
         from swpfx.runtime_model import channel_block, default_runtime_model
 
         _require_prepared(prepared, "BudgetPruner")
         if (latency_target is None) == (flops_target is None):
             raise ValueError("swpfx.BudgetPruner: give exactly one of latency_target and flops_target")
+        self.kind = "latency" if latency_target is not None else "flops"
         target = latency_target if latency_target is not None else flops_target
-        if isinstance(target, bool) or not isinstance(target, (int, float)) or math.isnan(target) or not 0 < target <= 1:
-            name = "latency_target" if latency_target is not None else "flops_target"
-            raise ValueError(f"swpfx.BudgetPruner: {name} must be a fraction in (0, 1], got {target!r}")
-        if isinstance(ramp, bool) or not isinstance(ramp, (int, float)) or math.isnan(ramp) or not 0 < ramp <= 1:
-            raise ValueError(f"swpfx.BudgetPruner: ramp must be a fraction in (0, 1], got {ramp!r}")
+        check_fraction(f"{self.kind}_target", target, "BudgetPruner")
+        check_fraction("ramp", ramp, "BudgetPruner")
         if isinstance(updates, bool) or not isinstance(updates, int) or updates < 1:
             raise ValueError(f"swpfx.BudgetPruner: updates must be a positive int, got {updates!r}")
         channel_multiple = channel_block() if channel_multiple is None else channel_multiple
         _check_args(None, flops_target, latency_target, lowering, channel_multiple, granularity)
         inputs = example_inputs_for(prepared, example_inputs, caller="BudgetPruner")
         self.prepared, self.target, self.ramp, self.updates = prepared, float(target), float(ramp), updates
-        self.kind = "latency" if latency_target is not None else "flops"
-        self.probe = tuple(x[:1] if x.dim() > 0 else x for x in inputs)
-        self.batch = next((x.shape[0] for x in inputs if isinstance(x, torch.Tensor) and x.dim()), 1)
+        self.probe, self.batch = probe_and_batch(inputs)
         self.lowering, self.channel_multiple, self.granularity, self.scope = lowering, channel_multiple, granularity, scope
         if runtime_model is None and lowering != "never":
             runtime_model = default_runtime_model(calibrate_if_missing=self.kind == "latency")

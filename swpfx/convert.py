@@ -41,6 +41,15 @@ def example_inputs_for(prepared: fx.GraphModule, example_inputs=None, caller: st
     )
 
 
+def probe_and_batch(inputs: tuple) -> tuple[tuple, int]:
+    """``(probe, batch)``: the example inputs cut to one sample, and their batch size (1 if none has one).
+
+    One sample is enough for shapes and dead-channel constants, which do not depend on the batch.
+    """
+    probe = tuple(x[:1] if x.dim() > 0 else x for x in inputs)
+    return probe, next((x.shape[0] for x in inputs if isinstance(x, torch.Tensor) and x.dim()), 1)
+
+
 def check_skeletons(prepared: fx.GraphModule) -> None:
     """Every skeleton still exists and has the (O, Kh, Kw) shape of its conv's weight."""
     paths = prepared.meta[META]["skeletons"]
@@ -151,12 +160,10 @@ def convert(
     threshold = _check_args(threshold, flops_target, latency_target, lowering, channel_multiple, granularity)
     check_skeletons(prepared)
     inputs = example_inputs_for(prepared, example_inputs)
-    # One sample is enough: shapes and dead-channel constants do not depend on the batch.
-    probe = tuple(x[:1] if x.dim() > 0 else x for x in inputs)
+    probe, batch = probe_and_batch(inputs)
     if runtime_model is None and lowering != "never":
         runtime_model = default_runtime_model(calibrate_if_missing=latency_target is not None)
     if latency_target is not None:
-        batch = next((x.shape[0] for x in inputs if isinstance(x, torch.Tensor) and x.dim()), 1)
         masks, cut = masks_for_latency_target(prepared, latency_target, lowering, probe, runtime_model,
                                               channel_multiple, batch=batch)
     elif flops_target is not None:
