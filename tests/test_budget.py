@@ -93,7 +93,8 @@ from swpfx.runtime_model import RuntimeModel  # noqa: E402
 
 from tests.helpers import masked_reference  # noqa: E402
 
-RUNTIME_MODEL = RuntimeModel()
+BLOCK = 16
+RUNTIME_MODEL = RuntimeModel(block=BLOCK)  # fixed coefficients and block: the cut must not depend on the machine's CPU
 
 
 @pytest.fixture(scope="module")
@@ -117,9 +118,9 @@ def resnet_prepared():
 @pytest.mark.parametrize("target", [0.7, 0.45])
 def test_latency_target_is_met_on_the_runtime_models_prediction(resnet_prepared, target):
     prepared, x = resnet_prepared
-    deployed = convert(prepared, latency_target=target, runtime_model=RUNTIME_MODEL)
+    deployed = convert(prepared, latency_target=target, runtime_model=RUNTIME_MODEL, channel_multiple=BLOCK)
     cut = deployed.meta["swpfx"]["cut"]
-    dense = ConversionEstimate(prepared, (x,), "auto", 16, RUNTIME_MODEL).estimate(
+    dense = ConversionEstimate(prepared, (x,), "auto", BLOCK, RUNTIME_MODEL).estimate(
         {n: torch.ones_like(s, dtype=torch.bool) for n, s in swpfx.skeletons(prepared).items()}).seconds
     predicted = predict_graph(deployed, RUNTIME_MODEL)
     assert predicted / dense <= target
@@ -132,8 +133,8 @@ def test_latency_target_is_met_on_the_runtime_models_prediction(resnet_prepared,
 
 def test_latency_target_stays_exact(resnet_prepared):
     prepared, x = resnet_prepared
-    deployed = convert(prepared, latency_target=0.5, runtime_model=RUNTIME_MODEL)
-    chosen, _ = masks_for_latency_target(prepared, 0.5, "auto", (x,), RUNTIME_MODEL, 16)
+    deployed = convert(prepared, latency_target=0.5, runtime_model=RUNTIME_MODEL, channel_multiple=BLOCK)
+    chosen, _ = masks_for_latency_target(prepared, 0.5, "auto", (x,), RUNTIME_MODEL, BLOCK)
     reference = masked_reference(prepared, threshold=-1.0)  # nothing zeroed by threshold: apply the cut's masks
     with torch.no_grad():
         for name, s in swpfx.skeletons(reference).items():
