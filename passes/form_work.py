@@ -14,10 +14,16 @@ built subgraph executes:
 ``ops``
     the number of graph ops (per call, not per sample);
 
-and ``layout``, the conv's ``(in_channels, out_channels, groups)``: not an amount
-but what decides whether ONNX Runtime runs its GEMM-like convs on the fast
-channel-blocked (NCHWc) path — every form's GEMM-like convs read all the conv's
-input channels — which ``swpfx.runtime_model`` prices.
+and two entries that are not amounts but decide how ONNX Runtime lays the work
+out, which ``swpfx.runtime_model`` prices: ``layout``, the conv's
+``(in_channels, out_channels, groups)``, which decides whether its GEMM-like
+convs run on the fast channel-blocked (NCHWc) path (every form's GEMM-like convs
+read all the conv's input channels); and ``output``, ``(parts, elements)``: the
+output channel counts of the parts a lowered form concatenates (``None`` when
+its ops leave the blocked layout anyway: one-hot and shift, or a gather back to
+filter order) and the output's elements per sample. Between blocked neighbours
+ORT keeps a Concat blocked only when every part is a block multiple; otherwise
+the output is reordered out of the blocked layout and back in.
 
 ``executed_macs(work)`` is what :mod:`.count_costs` counts for the built graph
 (tested equal); ``swpfx.runtime_model`` turns the same work into predicted
@@ -32,6 +38,8 @@ Example:
     >>> centre = torch.zeros(32, 3, 3, dtype=torch.bool); centre[:, 1, 1] = True
     >>> executed_macs(form_work(g, centre, "dense")), executed_macs(form_work(g, centre, "boxes", min_group=8))
     (294912, 32768)
+    >>> form_work(g, centre, "boxes")["output"]   # one part: stays blocked whatever its channel count
+    ((32,), 2048)
 """
 
 from __future__ import annotations
@@ -63,11 +71,16 @@ def _merge(work: dict, **amounts) -> None:
         work[kind] = work.get(kind, 0) + amount
 
 
-def _output_gather(work: dict, parts: int, reordered: bool, out_elems: int) -> None:
-    if parts > 1:
+def _output_gather(work: dict, parts: list[int], reordered: bool, out_elems: int, blocked: bool = True) -> None:
+    """The concat of ``parts`` (their output channel counts), the gather back to filter order, and ``output``.
+
+    ``blocked``: whether the form's own ops can stay in ORT's blocked layout.
+    """
+    if len(parts) > 1:
         _merge(work, copy_elems=out_elems, ops=1)
     if reordered:
         _merge(work, copy_elems=out_elems, ops=1)
+    work["output"] = (tuple(parts) if blocked and not reordered else None, out_elems)
 
 
 def _spatial(geometry: ConvGeometry) -> tuple[int, int, int, int]:
@@ -88,13 +101,14 @@ def dense_work(geometry: ConvGeometry, mask=None) -> dict:
     return {"conv_macs": macs, "ops": 1, "layout": layout(geometry)}
 
 
-def boxes_work(geometry: ConvGeometry, mask: torch.Tensor, min_group: int = DEFAULT_MIN_GROUP) -> dict:
+def boxes_work(geometry: ConvGeometry, mask: torch.Tensor, min_group: int = DEFAULT_MIN_GROUP,
+               align: int = 1) -> dict:
     h, w, ho, wo = _spatial(geometry)
     c, g, o = geometry.in_channels, geometry.groups, geometry.out_channels
     work: dict = {"layout": layout(geometry)}
     seen_pads = set()
     order = []
-    groups = box_groups(mask, min_group)
+    groups = box_groups(mask, min_group, align)
     for box, filters in groups:
         pads = geometry.box_pads(box)
         if not _symmetric(pads) and pads not in seen_pads:
@@ -104,7 +118,7 @@ def boxes_work(geometry: ConvGeometry, mask: torch.Tensor, min_group: int = DEFA
             _merge(work, copy_elems=len(filters) * (c // g) * h * w, ops=1)
         _merge(work, conv_macs=len(filters) * (c // g) * box_area(box) * ho * wo, ops=1)
         order.extend(filters)
-    _output_gather(work, len(groups), order != sorted(order), o * ho * wo)
+    _output_gather(work, [len(fs) for _, fs in groups], order != sorted(order), o * ho * wo)
     return work
 
 
@@ -119,7 +133,7 @@ def onehot_work(geometry: ConvGeometry, mask: torch.Tensor) -> dict:
         _merge(work, conv_macs=n * k * c * h * w, ops=2, onehot_macs=n * k * kh * kw * ho * wo, onehot_groups=n)
         if not _symmetric(geometry.pads):
             _merge(work, copy_elems=_padded_elems(n * k, h, w, geometry.pads), ops=1)
-    _output_gather(work, len(buckets), len(buckets) > 1, o * ho * wo)
+    _output_gather(work, [len(fs) for _, fs in buckets], len(buckets) > 1, o * ho * wo, blocked=False)
     return work
 
 
@@ -137,16 +151,16 @@ def shift_work(geometry: ConvGeometry, mask: torch.Tensor) -> dict:
     buckets = stripe_count_buckets(mask)
     for k, filters in buckets:
         _merge(work, copy_elems=len(filters) * (k + 1) * ho * wo, ops=3)
-    _output_gather(work, len(buckets), len(buckets) > 1, o * ho * wo)
+    _output_gather(work, [len(fs) for _, fs in buckets], len(buckets) > 1, o * ho * wo, blocked=False)
     return work
 
 
 def form_work(geometry: ConvGeometry, mask: torch.Tensor | None, form: str, **options) -> dict:
-    """Per-sample work of ``form`` (``"dense"`` or a lowering) with ``options`` (``min_group`` for boxes)."""
+    """Per-sample work of ``form`` (``"dense"`` or a lowering) with ``options`` (``min_group``, ``align`` for boxes)."""
     if form == "dense":
         return dense_work(geometry)
     if form == "boxes":
-        return boxes_work(geometry, mask, options.get("min_group", DEFAULT_MIN_GROUP))
+        return boxes_work(geometry, mask, options.get("min_group", DEFAULT_MIN_GROUP), options.get("align", 1))
     if form == "onehot":
         return onehot_work(geometry, mask)
     if form == "shift":
@@ -154,19 +168,24 @@ def form_work(geometry: ConvGeometry, mask: torch.Tensor | None, form: str, **op
     raise ValueError(f"form_work: unknown form {form!r}")
 
 
-def candidate_work(geometry: ConvGeometry, mask: torch.Tensor, forms) -> dict[tuple, dict]:
+def candidate_work(geometry: ConvGeometry, mask: torch.Tensor, forms, align: int = 1) -> dict[tuple, dict]:
     """{(form, options): work} for dense and every candidate lowering of one conv.
 
-    ``boxes`` is tried with each partition of ``BOX_MIN_GROUPS`` that differs.
+    ``boxes`` is tried with each partition of ``BOX_MIN_GROUPS`` that differs,
+    and (ungrouped convs, ``align`` > 1) each also with parts aligned to ``align``
+    filters, the runtime's channel block.
     """
     candidates = {("dense", ()): dense_work(geometry)}
     if "boxes" in forms:
         seen = []
+        aligns = (1, align) if align > 1 and geometry.groups == 1 else (1,)
         for min_group in BOX_MIN_GROUPS:
-            partition = [fs for _, fs in box_groups(mask, min_group)]
-            if partition not in seen:
-                seen.append(partition)
-                candidates[("boxes", (("min_group", min_group),))] = boxes_work(geometry, mask, min_group)
+            for a in aligns:
+                partition = [fs for _, fs in box_groups(mask, min_group, a)]
+                if partition not in seen:
+                    seen.append(partition)
+                    options = (("min_group", min_group),) if a == 1 else (("align", a), ("min_group", min_group))
+                    candidates[("boxes", options)] = boxes_work(geometry, mask, min_group, a)
     if "onehot" in forms:
         candidates[("onehot", ())] = onehot_work(geometry, mask)
     if "shift" in forms:

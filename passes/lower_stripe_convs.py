@@ -13,7 +13,10 @@ run-time loops, exportable to ONNX):
     grid is unchanged), outputs concatenated, then one channel gather restores the
     filter order. A filter keeping only its centre stripe costs a 1×1 conv, a
     centre row a 1×3 conv. Groups smaller than ``min_group`` filters are merged
-    into the cheapest group whose box covers theirs. Handles any groups.
+    into the cheapest group whose box covers theirs; with ``align`` (ungrouped
+    convs) each group but the full box keeps a multiple of ``align`` filters, so
+    a runtime with that channel block keeps the concat in its blocked layout.
+    Handles any groups.
 ``onehot``
     Output side: per bucket of filters with the same number ``k`` of kept
     stripes, a 1×1 conv computes every kept stripe, then a grouped conv with
@@ -152,12 +155,13 @@ def _box_name(box, geometry: ConvGeometry) -> str:
     return f"box{box[1] - box[0] + 1}x{box[3] - box[2] + 1}_at{box[0]}{box[2]}"
 
 
-def build_boxes(b: _Builder, x: fx.Node, geometry: ConvGeometry, mask: torch.Tensor, min_group: int) -> fx.Node:
+def build_boxes(b: _Builder, x: fx.Node, geometry: ConvGeometry, mask: torch.Tensor, min_group: int,
+                align: int = 1) -> fx.Node:
     w, bias = b.conv.weight.detach(), b.conv.bias
     out_per_group = geometry.out_channels // geometry.groups
     in_per_group = geometry.in_channels // geometry.groups
     parts, groups_filters = [], []
-    for box, filters in box_groups(mask, min_group):
+    for box, filters in box_groups(mask, min_group, align):
         r0, r1, c0, c1 = box
         xin, padding = b.padded(x, geometry.box_pads(box))
         groups = 1
@@ -331,13 +335,14 @@ def permutable_consumers(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node] | N
 
 
 def lower_conv(gm: fx.GraphModule, node: fx.Node, form: str, min_group: int = DEFAULT_MIN_GROUP,
-               fuse_followers: bool = True) -> fx.Node:
+               fuse_followers: bool = True, align: int = 1) -> fx.Node:
     """Replace the stripe conv ``node`` by the lowered ``form``; returns the node producing its output.
 
     With ``fuse_followers`` a BatchNorm2d/ReLU that alone consume the conv are
     applied per part (before the concat) so ORT fuses them into the part convs,
     and when only plain convs consume the result, their input channels are
-    permuted instead of gathering the output back into filter order.
+    permuted instead of gathering the output back into filter order. ``min_group``
+    and ``align`` are the ``boxes`` partition's (:func:`.stripe_geometry.box_groups`).
     """
     conv, mask = check_stripe_conv(gm, node)
     geometry = ConvGeometry.of(conv, input_shape(gm, node))
@@ -346,7 +351,7 @@ def lower_conv(gm: fx.GraphModule, node: fx.Node, form: str, min_group: int = DE
     b = _Builder(gm, node, form)
     x = node.args[0]
     if form == "boxes":
-        parts = build_boxes(b, x, geometry, mask, min_group)
+        parts = build_boxes(b, x, geometry, mask, min_group, align)
     elif form == "onehot":
         parts = build_onehot(b, x, geometry, mask)
     else:
@@ -365,7 +370,7 @@ def lower_conv(gm: fx.GraphModule, node: fx.Node, form: str, min_group: int = DE
     else:
         out = b.restore_order([p for p, _ in parts], order)
     info = {"role": "lowered_conv", "conv": b.source, "kept_stripes": int(mask.sum()), "lowering": form,
-            "work": form_work(geometry, mask, form, min_group=min_group)}  # per sample, for the runtime model
+            "work": form_work(geometry, mask, form, min_group=min_group, align=align)}  # per sample, for the runtime model
     for new in b.created:
         new.meta[META_KEY] = dict(info)
         new.meta[META_KEY]["part"] = new.name[len(b.base) + 1:]

@@ -105,16 +105,23 @@ def box_covers(outer, inner) -> bool:
     return outer[0] <= inner[0] and inner[1] <= outer[1] and outer[2] <= inner[2] and inner[3] <= outer[3]
 
 
-def box_groups(mask: torch.Tensor, min_group: int = DEFAULT_MIN_GROUP) -> list[tuple[tuple[int, int, int, int], list[int]]]:
+def box_groups(mask: torch.Tensor, min_group: int = DEFAULT_MIN_GROUP,
+               align: int = 1) -> list[tuple[tuple[int, int, int, int], list[int]]]:
     """Partition filters by the bounding box of their kept stripes.
 
     Groups with fewer than ``min_group`` filters are merged (smallest first) into
     the group of smallest area whose box covers theirs; the full kernel box
-    covers everything. Returns [(box, sorted filter indices)], largest box last.
+    covers everything. With ``align`` > 1 every group but the full box then keeps
+    a multiple of ``align`` filters, the rest moving up to a covering box (exact:
+    a filter computed in a larger box gets zero weights outside its stripes): ORT
+    keeps a Concat in its channel-blocked layout only when every part is aligned.
+    Returns [(box, sorted filter indices)], largest box last.
 
     >>> m = torch.zeros(4, 3, 3, dtype=torch.bool); m[:, 1, 1] = True; m[3] = True
     >>> box_groups(m, min_group=1)
     [((1, 1, 1, 1), [0, 1, 2]), ((0, 2, 0, 2), [3])]
+    >>> box_groups(m, min_group=1, align=2)
+    [((1, 1, 1, 1), [0, 1]), ((0, 2, 0, 2), [2, 3])]
     """
     kh, kw = mask.shape[1:]
     groups: dict[tuple, list[int]] = {}
@@ -126,10 +133,30 @@ def box_groups(mask: torch.Tensor, min_group: int = DEFAULT_MIN_GROUP) -> list[t
         if not small:
             break
         box = min(small, key=lambda b: (len(groups[b]), box_area(b)))
-        targets = [b for b in groups if b != box and box_covers(b, box)]
-        target = min(targets, key=box_area) if targets else full
-        groups.setdefault(target, []).extend(groups.pop(box))
+        groups.setdefault(_covering_box(groups, box, full), []).extend(groups.pop(box))
+    if align > 1:
+        _align_groups(groups, align, full)
     return sorted(((b, sorted(fs)) for b, fs in groups.items()), key=lambda item: (box_area(item[0]), item[0]))
+
+
+def _covering_box(groups: dict, box, full):
+    """The smallest other box in ``groups`` that covers ``box`` (the full kernel box if none)."""
+    targets = [b for b in groups if b != box and box_covers(b, box)]
+    return min(targets, key=box_area) if targets else full
+
+
+def _align_groups(groups: dict, align: int, full) -> None:
+    """Move each non-full group's filters beyond a multiple of ``align`` to its covering box, smallest box first."""
+    for box in sorted((b for b in groups if b != full), key=lambda b: (box_area(b), b)):
+        filters = sorted(groups[box])
+        excess = len(filters) % align
+        if not excess:
+            continue
+        groups.setdefault(_covering_box(groups, box, full), []).extend(filters[-excess:])
+        if excess == len(filters):
+            del groups[box]
+        else:
+            groups[box] = filters[:-excess]
 
 
 def stripe_count_buckets(mask: torch.Tensor) -> list[tuple[int, list[int]]]:

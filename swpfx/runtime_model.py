@@ -81,6 +81,7 @@ DEFAULT_COEFFICIENTS = {
     "onehot_groups": 2.54e-7,
     "copy_elems": 2.66e-10,
     "ops": 7.96e-6,
+    "reorder_elems": 2.66e-10,  # not fitted on that machine; one copy per element, as copy_elems
 }
 
 
@@ -137,8 +138,28 @@ def runs_nchwc(in_channels: int, out_channels: int, groups: int, block: int) -> 
     return (in_channels // groups) % block == 0 and (out_channels // groups) % block == 0
 
 
-# the runtime model's work kinds: the forms' (form_work.WORK_KINDS) and conv MACs ORT runs off its NCHWc path
-WORK_KINDS = (*FORM_WORK_KINDS, "nchw_macs")
+def leaves_blocked_layout(output, block: int) -> bool:
+    """Whether ORT reorders a form's output out of its NCHWc layout and back in, between blocked neighbours.
+
+    ``output`` is a form's ``(parts, elements)`` (:func:`swpfx.passes.form_work.form_work`;
+    ``None`` for a dense conv). A Concat stays blocked only when every part is a
+    block multiple; one-hot, shift and gathers (parts ``None``) always leave.
+
+    >>> leaves_blocked_layout(((16, 8), 100), 8), leaves_blocked_layout(((12, 4), 100), 8)
+    (False, True)
+    >>> leaves_blocked_layout(((12,), 100), 8), leaves_blocked_layout((None, 100), 8), leaves_blocked_layout(None, 8)
+    (False, True, False)
+    """
+    if output is None or block <= 1:
+        return False
+    parts = output[0]
+    return parts is None or (len(parts) > 1 and any(p % block for p in parts))
+
+
+# the runtime model's work kinds: the forms' (form_work.WORK_KINDS), conv MACs ORT runs off its NCHWc path, and
+# output elements reordered out of the NCHWc layout and back (counted twice)
+WORK_KINDS = (*FORM_WORK_KINDS, "nchw_macs", "reorder_elems")
+NOT_AMOUNTS = ("layout", "output")  # entries of a form's work that say how ORT lays it out
 
 
 def machine_key() -> str:
@@ -173,7 +194,9 @@ class RuntimeModel:
     pad/slice/concat/gather/sum, op count), the work of
     :func:`swpfx.passes.form_work.form_work`; GEMM MACs of a conv whose layout is
     off ORT's NCHWc path for ``block`` (:func:`runs_nchwc`) are priced as
-    ``nchw_macs``. ``pays(lowered, dense)`` is the "auto" rule: lower only if
+    ``nchw_macs``, and the output of a form whose parts cannot stay in the
+    blocked layout (:func:`leaves_blocked_layout`) is priced as two reorders
+    (``reorder_elems``). ``pays(lowered, dense)`` is the "auto" rule: lower only if
     predicted faster than ``margin`` × dense.
 
     >>> model = RuntimeModel()
@@ -192,14 +215,19 @@ class RuntimeModel:
     block: int = field(default_factory=lambda: channel_block())
 
     def priced(self, work: dict) -> dict:
-        """``work``'s amounts by the kinds this model prices: GEMM MACs off the NCHWc path become ``nchw_macs``.
+        """``work``'s amounts by the kinds this model prices: GEMM MACs off the NCHWc path become ``nchw_macs``,
+        an output that leaves the blocked layout ``reorder_elems``.
 
         >>> RuntimeModel(block=16).priced({"conv_macs": 100, "ops": 1, "layout": (40, 64, 1)})
         {'ops': 1, 'nchw_macs': 100}
         >>> RuntimeModel(block=16).priced({"conv_macs": 100, "ops": 1, "layout": (64, 40, 1)})  # 48 filters computed
         {'conv_macs': 120.0, 'ops': 1}
+        >>> RuntimeModel(block=16).priced({"conv_macs": 100, "layout": (64, 64, 1), "output": ((40, 24), 50)})
+        {'conv_macs': 100, 'reorder_elems': 100}
         """
-        amounts = {k: v for k, v in work.items() if k != "layout"}
+        amounts = {k: v for k, v in work.items() if k not in NOT_AMOUNTS}
+        if leaves_blocked_layout(work.get("output"), self.block):
+            amounts["reorder_elems"] = 2 * work["output"][1]
         shape = work.get("layout")
         if shape is None or "conv_macs" not in amounts:
             return amounts
@@ -216,7 +244,9 @@ class RuntimeModel:
         return lowered < self.margin * dense
 
     def predict_all(self, geometry: ConvGeometry, mask, forms, batch: int = 1) -> dict[tuple, float]:
-        return {key: self.predict(work, batch) for key, work in candidate_work(geometry, mask, forms).items()}
+        """{(form, options): predicted seconds} of every candidate, boxes also with parts aligned to the block."""
+        candidates = candidate_work(geometry, mask, forms, align=self.block)
+        return {key: self.predict(work, batch) for key, work in candidates.items()}
 
     def choose(self, geometry: ConvGeometry, mask, forms, batch: int = 1, require_gain: bool = True):
         """(form, options, predicted seconds) of the fastest lowering, or ("dense", {}, t) if none pays."""
@@ -348,13 +378,18 @@ def exported_sessions(modules: list[nn.Module], x: torch.Tensor, threads: int = 
             for out in proto.graph.output]
 
 
-def measure_candidates(gm, x, candidates, rounds: int = 50, threads: int = 2) -> dict:
+def measure_candidates(gm, x, candidates, rounds: int = 50, threads: int = 2, consumer: nn.Module | None = None) -> dict:
     """{key: median ORT seconds} for dense (key ("dense", ())) and each (form, options) candidate.
 
-    Each ORT output is checked against torch (relative error ≤ 1e-4).
+    With ``consumer`` every candidate's output feeds it, as a conv's output feeds
+    the next op in a graph. Each ORT output is checked against torch (relative
+    error ≤ 1e-4).
     """
-    reference = gm(x).detach()
     modules = [gm if form == "dense" else lowered_copy(gm, form, **dict(options)) for form, options in candidates]
+    if consumer is not None:
+        modules = [nn.Sequential(m, consumer) for m in modules]
+    with torch.no_grad():
+        reference = (gm if consumer is None else nn.Sequential(gm, consumer))(x)
     sessions = {}
     for key, session in zip(candidates, exported_sessions(modules, x, threads)):
         out = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
@@ -376,6 +411,22 @@ def fit_coefficients(rows: list[tuple[dict, float]]) -> dict:
 
 
 CALIBRATION_BATCH = 32
+
+
+def _blocked_consumer(geometry: ConvGeometry, pricing: RuntimeModel) -> tuple[nn.Module, dict]:
+    """A small 1×1 conv reading the candidate's output on ORT's blocked path, and its priced work.
+
+    In a graph every conv's output feeds another op; timed after it, a form whose
+    parts cannot stay blocked pays the reorder back in, as it does in a graph.
+    """
+    torch.manual_seed(0)
+    consumer = nn.Conv2d(geometry.out_channels, max(pricing.block, 1), 1, bias=False)
+    shape = (1, geometry.out_channels, *geometry.output_hw)
+    return consumer, pricing.priced(form_work(ConvGeometry.of(consumer, shape), None, "dense"))
+
+
+def _added(work: dict, other: dict) -> dict:
+    return {k: work.get(k, 0) + other.get(k, 0) for k in {*work, *other}}
 
 
 def _dense_row_at_batch(gm, x, work: dict, rounds: int, threads: int, generator) -> tuple[dict, float]:
@@ -411,11 +462,14 @@ def calibrate(cache="default", shapes=CALIBRATION_SHAPES, rounds: int = 20, seed
     for (c_in, c_out, k, stride, padding, hw), make in progress_bar(jobs, "calibrating ORT", progress):
         mask = make(c_out, k, k, generator=generator) if make else torch.ones(c_out, k, k, dtype=torch.bool)
         mask = mask[mask.flatten(1).any(1)]
+        if make:  # live filters a block multiple, as a channel pruner rounds them, so the consumer stays blocked
+            mask = mask[: max(pricing.block, len(mask) // pricing.block * pricing.block)]
         gm, x = stripe_conv_module(c_in, mask, k, stride, padding, hw, seed)
         geometry = ConvGeometry.of(gm.get_submodule("0"), x.shape)
-        work = candidate_work(geometry, mask, supported_forms(geometry) if make else ())
-        times = measure_candidates(gm, x, list(work), rounds=rounds, threads=threads)
-        rows.extend((pricing.priced(work[key]), times[key]) for key in work)
+        work = candidate_work(geometry, mask, supported_forms(geometry) if make else (), align=pricing.block)
+        consumer, consumer_work = _blocked_consumer(geometry, pricing) if make else (None, {})
+        times = measure_candidates(gm, x, list(work), rounds=rounds, threads=threads, consumer=consumer)
+        rows.extend((_added(pricing.priced(work[key]), consumer_work), times[key]) for key in work)
         # the dense conv at a batch too: ORT's NCHW path falls behind there
         rows.append(_dense_row_at_batch(gm, x, pricing.priced(work[("dense", ())]), rounds, threads, generator))
     model = RuntimeModel(coefficients=fit_coefficients(rows), source="calibrated", machine=machine_key(),

@@ -1,4 +1,4 @@
-"""Shared test helpers: seeded non-trivial BatchNorm, error metrics, conv counting, skeleton folding."""
+"""Shared test helpers: seeded non-trivial BatchNorm, error metrics, conv counting, skeleton folding, a fixed runtime model."""
 
 from __future__ import annotations
 
@@ -6,7 +6,15 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from swpfx.runtime_model import RuntimeModel
+
 CONV2D_FUNCTIONS = (torch.conv2d, torch.nn.functional.conv2d)
+
+# Fixed coefficients (the shipped defaults, not this machine's calibration) and a fixed NCHWc block, so
+# that budget cuts do not depend on the machine's CPU. Pass ``channel_multiple=BLOCK`` as well:
+# convert and BudgetPruner otherwise round channel counts to this CPU's block.
+BLOCK = 16
+RUNTIME_MODEL = RuntimeModel(block=BLOCK)
 
 
 @torch.no_grad()
@@ -63,6 +71,17 @@ class Conv2dCounter(TorchFunctionMode):
             weight = args[1] if len(args) > 1 else kwargs["weight"]
             self.weight_ids.add(id(weight))
         return func(*args, **kwargs)
+
+
+class ConvCalledTwice(nn.Module):
+    """One ``Conv2d(4, 4, 3, padding=1)`` applied twice, a ReLU between: a conv module shared by two call sites."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(torch.relu(self.conv(x)))
 
 
 def count_executed_convs(model: nn.Module, *inputs) -> Conv2dCounter:

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torchvision
 
 import swpfx
-from swpfx.budget import masks_pruning, pruning_order
-from swpfx.importance import normalize_per_layer
+from helpers import BLOCK, RUNTIME_MODEL, masked_reference
+from swpfx.budget import masks_for_latency_target, masks_pruning, pruning_order, snapped_ladders
 from swpfx.convert import convert
 from swpfx.cost import cost
+from swpfx.estimate import ConversionEstimate, predict_graph
+from swpfx.importance import normalize_per_layer
+
+
+@torch.no_grad()
+def uniform_skeletons_(prepared, generator: torch.Generator) -> None:
+    """Fill every skeleton with ``torch.rand`` values (uniform in [0, 1), float32 draws), in place."""
+    for s in swpfx.skeletons(prepared).values():
+        s.copy_(torch.rand(s.shape, generator=generator))
 
 
 @pytest.fixture(scope="module")
@@ -19,10 +30,7 @@ def prepared_and_input():
     model = torchvision.models.vgg11_bn(num_classes=10).features[:12].eval()  # 4 convs, plain chain + one pool
     x = torch.randn(1, 3, 16, 16)
     prepared = swpfx.prepare(model, (x,)).eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for s in swpfx.skeletons(prepared).values():
-            s.copy_(torch.rand(s.shape, generator=g))
+    uniform_skeletons_(prepared, torch.Generator().manual_seed(0))
     return prepared, x
 
 
@@ -63,7 +71,8 @@ def test_layer_scores_are_invariant_to_a_layers_scale():
     skels = {"a": torch.rand(4, 3, 3), "b": torch.rand(8, 3, 3)}
     scaled = {"a": skels["a"] * 0.01, "b": skels["b"]}
     for name in skels:
-        assert torch.allclose(normalize_per_layer(skels)[name], normalize_per_layer(scaled)[name])
+        torch.testing.assert_close(normalize_per_layer(skels)[name], normalize_per_layer(scaled)[name],
+                                   rtol=1e-5, atol=1e-8)  # torch.allclose's defaults
 
 
 @pytest.mark.parametrize("granularity", ["stripe", "filter"])
@@ -87,15 +96,6 @@ def test_bad_targets_are_rejected(prepared_and_input, bad):
 
 # ---------------------------------------------------------------- latency_target
 
-from swpfx.budget import masks_for_latency_target, snapped_ladders  # noqa: E402
-from swpfx.estimate import ConversionEstimate, predict_graph  # noqa: E402
-from swpfx.runtime_model import RuntimeModel  # noqa: E402
-
-from tests.helpers import masked_reference  # noqa: E402
-
-BLOCK = 16
-RUNTIME_MODEL = RuntimeModel(block=BLOCK)  # fixed coefficients and block: the cut must not depend on the machine's CPU
-
 
 @pytest.fixture(scope="module")
 def resnet_prepared():
@@ -109,9 +109,7 @@ def resnet_prepared():
                 m.bias.uniform_(-1, 1, generator=g)
     x = torch.randn(1, 3, 64, 64, generator=g)
     prepared = swpfx.prepare(model, (x,)).eval()
-    with torch.no_grad():
-        for s in swpfx.skeletons(prepared).values():
-            s.copy_(torch.rand(s.shape, generator=g))
+    uniform_skeletons_(prepared, g)
     return prepared, x
 
 
@@ -131,10 +129,19 @@ def test_latency_target_is_met_on_the_runtime_models_prediction(resnet_prepared,
     assert len(cut["decisions"]) == 20 and swpfx.cut_table(deployed).count("\n") == 21
 
 
-def test_latency_target_stays_exact(resnet_prepared):
-    prepared, x = resnet_prepared
+def test_latency_target_stays_exact(resnet_prepared, monkeypatch):
+    prepared, _ = resnet_prepared
+    searches = []
+
+    def recorded_search(*args, **kwargs):  # the real search, run once: the masks convert applied are the reference's
+        searches.append(masks_for_latency_target(*args, **kwargs))
+        return searches[-1]
+
+    # swpfx.convert is the function; the search is looked up in the module of that name
+    monkeypatch.setattr(importlib.import_module("swpfx.convert"), "masks_for_latency_target", recorded_search)
     deployed = convert(prepared, latency_target=0.5, runtime_model=RUNTIME_MODEL, channel_multiple=BLOCK)
-    chosen, _ = masks_for_latency_target(prepared, 0.5, "auto", (x,), RUNTIME_MODEL, BLOCK)
+    ((chosen, cut),) = searches
+    assert deployed.meta["swpfx"]["cut"] is cut
     reference = masked_reference(prepared, threshold=-1.0)  # nothing zeroed by threshold: apply the cut's masks
     with torch.no_grad():
         for name, s in swpfx.skeletons(reference).items():

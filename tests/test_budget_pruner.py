@@ -6,13 +6,11 @@ import pytest
 import torch
 
 import swpfx
+from helpers import RUNTIME_MODEL, randomize_batchnorm_
 from swpfx.budget_pruner import BudgetPruner
 from swpfx.data import residual_bn_cnn
 from swpfx.estimate import predict_graph
-from swpfx.runtime_model import RuntimeModel
-from tests.helpers import randomize_batchnorm_
 
-RUNTIME_MODEL = RuntimeModel(block=16)  # fixed coefficients and block: the test does not depend on the machine
 X = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
 
 

@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 
 import swpfx
-from helpers import randomize_batchnorm_, randomize_skeletons_, relative_error
+from helpers import ConvCalledTwice, randomize_batchnorm_, randomize_skeletons_, relative_error
 from swpfx.passes.fold_skeletons import fold_skeletons, masked_weight, stripe_masks
 from swpfx.passes.graph_utils import PassError
 
@@ -29,6 +29,27 @@ def test_masked_weight_zeroes_whole_stripes():
                 assert torch.equal(out[o, :, i, j], expected)
 
 
+def check_fold_equals_masked_prepared(model: nn.Module, x: torch.Tensor, generator: torch.Generator,
+                                      threshold: float = 0.4):
+    """Prepare ``model``, draw skeletons in [0, 1) and zero those ``<= threshold``; fold with those masks.
+
+    The folded graph must lint and equal the prepared model with the zeroed skeletons.
+    Returns ``(folded, masks)``.
+    """
+    prepared = swpfx.prepare(model, (x,)).eval()
+    skels = randomize_skeletons_(prepared, generator, low=0.0, high=1.0)
+    with torch.no_grad():
+        masks = stripe_masks(skels, threshold)
+        for s in skels.values():
+            s.masked_fill_(s.abs() <= threshold, 0.0)
+        expected = prepared(x)
+        folded = fold_skeletons(prepared, masks).graph_module
+        actual = folded(x)
+    folded.graph.lint()
+    assert relative_error(actual, expected) <= 1e-6
+    return folded, masks
+
+
 class Options(nn.Module):
     def __init__(self):
         super().__init__()
@@ -45,17 +66,7 @@ def test_fold_equals_masked_prepared_model_with_all_conv_options():
     g = torch.Generator().manual_seed(0)
     model = randomize_batchnorm_(Options().eval(), g)
     x = torch.randn(2, 3, 12, 12, generator=g)
-    prepared = swpfx.prepare(model, (x,)).eval()
-    skels = randomize_skeletons_(prepared, g, low=0.0, high=1.0)
-    with torch.no_grad():
-        masks = stripe_masks(skels, 0.4)
-        for s in skels.values():
-            s.masked_fill_(s.abs() <= 0.4, 0.0)
-        expected = prepared(x)
-        folded = fold_skeletons(prepared, masks).graph_module
-        actual = folded(x)
-    assert relative_error(actual, expected) <= 1e-6
-    folded.graph.lint()
+    folded, masks = check_fold_equals_masked_prepared(model, x, g)
     convs = [n for n in folded.graph.nodes if n.op == "call_module" and isinstance(folded.get_submodule(n.target), nn.Conv2d)]
     assert [n.target for n in convs] == ["reflect", "same", "strided"]
     assert all(folded.get_submodule(n.target).padding_mode == "zeros" for n in convs)
@@ -74,27 +85,9 @@ def test_mask_of_wrong_shape_is_an_error_naming_the_pass():
 
 
 def test_a_conv_called_twice_stays_one_module():
-    class Twice(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(4, 4, 3, padding=1)
-
-        def forward(self, x):
-            return self.conv(torch.relu(self.conv(x)))
-
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 8, 8, generator=g)
-    prepared = swpfx.prepare(Twice().eval(), (x,)).eval()
-    skels = randomize_skeletons_(prepared, g, low=0.0, high=1.0)
-    with torch.no_grad():
-        masks = stripe_masks(skels, 0.4)
-        for s in skels.values():
-            s.masked_fill_(s.abs() <= 0.4, 0.0)
-        expected = prepared(x)
-        folded = fold_skeletons(prepared, masks).graph_module
-        actual = folded(x)
-    folded.graph.lint()
-    assert relative_error(actual, expected) <= 1e-6
+    folded, _ = check_fold_equals_masked_prepared(ConvCalledTwice().eval(), x, g)
     convs = [n for n in folded.graph.nodes if n.op == "call_module"]
     assert [n.target for n in convs] == ["conv", "conv"]
     assert sum(isinstance(m, nn.Conv2d) for m in folded.modules()) == 1

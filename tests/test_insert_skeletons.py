@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 import swpfx
-from helpers import Conv2dCounter, randomize_batchnorm_, randomize_skeletons_, relative_error
+from helpers import Conv2dCounter, ConvCalledTwice, randomize_batchnorm_, randomize_skeletons_, relative_error
 from swpfx.passes.insert_skeletons import insert_skeletons, skeleton_key
 from swpfx.tracing import trace
 
@@ -149,15 +149,7 @@ def test_skeleton_key():
 
 
 def test_shared_conv_called_twice_gets_one_skeleton(generator):
-    class Twice(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(4, 4, 3, padding=1)
-
-        def forward(self, x):
-            return self.conv(torch.relu(self.conv(x)))
-
-    model = Twice()
+    model = ConvCalledTwice()
     x = torch.randn(1, 4, 8, 8, generator=generator)
     with Conv2dCounter() as counter:
         model(x)
@@ -429,7 +421,7 @@ def test_caller_model_untouched_by_subclass_and_functional_rewrites(generator):
     before = copy.deepcopy(model.state_dict())
     swpfx.prepare(model, (torch.randn(1, 3, 8, 8, generator=generator),))
     assert model.state_dict().keys() == before.keys()
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    torch.testing.assert_close(model.state_dict(), before, rtol=0, atol=0)  # exactly equal; names any changed key
     assert not any("skeleton" in n for n, _ in model.named_parameters())
     assert type(model.body[0]) is StdConv2dBN
 

@@ -21,6 +21,8 @@ from swpfx.passes.lower_stripe_convs import (
     supported_forms,
 )
 from swpfx.masks import random_stripe_mask, structured_stripe_mask
+from swpfx.passes.form_work import form_work
+from swpfx.passes.stripe_geometry import box_covers, stripe_boxes
 from swpfx.runtime_model import RuntimeModel, candidate_work, default_runtime_model, fit_coefficients
 
 REL_TOL = {torch.float32: 1e-4, torch.float64: 1e-10}
@@ -91,7 +93,8 @@ def test_every_form_matches_the_masked_dense_conv(kernel, stride, padding, dilat
     forms = supported_forms(ConvGeometry.of(conv))
     assert forms == (FORMS if groups == 1 else ("boxes",))
     for form in forms:
-        for options in ([{"min_group": 1}, {"min_group": 8}] if form == "boxes" else [{}]):
+        for options in ([{"min_group": 1}, {"min_group": 8}, {"min_group": 1, "align": 4}] if form == "boxes"
+                        else [{}]):
             lowered = copy.deepcopy(gm)
             node = next(n for n in lowered.graph.nodes if n.op == "call_module")
             lower_conv(lowered, node, form, **options)
@@ -243,6 +246,33 @@ def test_box_groups_merge_small_groups_into_covering_boxes():
     assert sorted(sum(box_groups(mask, min_group=1), ())[1::2][0]) == list(range(10))
 
 
+@pytest.mark.parametrize("align", [4, 8])
+def test_aligned_box_groups_keep_block_multiples_and_only_move_filters_up(generator, align):
+    for kind in ("random", "structured"):
+        mask = make_mask(kind, 40, 3, 3, generator)
+        groups = box_groups(mask, min_group=1, align=align)
+        full = (0, 2, 0, 2)
+        assert sorted(o for _, fs in groups for o in fs) == list(range(40))
+        assert all(len(fs) % align == 0 for box, fs in groups if box != full), groups
+        own = stripe_boxes(mask).tolist()
+        for box, filters in groups:  # every filter computed in a box that covers its kept stripes
+            assert all(box_covers(box, tuple(own[o])) for o in filters)
+
+
+def test_aligned_boxes_stay_blocked_where_unaligned_ones_pay_two_reorders():
+    geometry = ConvGeometry.of(nn.Conv2d(64, 40, 3, padding=1), (1, 64, 14, 14))
+    mask = torch.zeros(40, 3, 3, dtype=torch.bool)
+    mask[:, 1, 1] = True
+    mask[30:] = True  # 30 centre filters, 10 full: parts of 30 and 10 are not multiples of 8
+    model = RuntimeModel(block=8)
+    loose = model.priced(form_work(geometry, mask, "boxes", min_group=1))
+    aligned = model.priced(form_work(geometry, mask, "boxes", min_group=1, align=8))
+    assert loose["reorder_elems"] == 2 * 40 * 14 * 14 and "reorder_elems" not in aligned
+    assert aligned["conv_macs"] > loose["conv_macs"]  # the 6 centre filters moved to the full box cost MACs
+    keys = model.predict_all(geometry, mask, ("boxes",))
+    assert ("boxes", (("align", 8), ("min_group", 8))) in keys
+
+
 def test_runtime_model_fit_recovers_coefficients_and_round_trips(tmp_path):
     truth = {"conv_macs": 1e-11, "onehot_macs": 5e-11, "onehot_groups": 2e-7, "copy_elems": 3e-10, "ops": 1e-5}
     gen = torch.Generator().manual_seed(0)
@@ -270,7 +300,7 @@ def test_runtime_model_fit_is_the_nonnegative_least_squares_optimum():
     from swpfx.runtime_model import WORK_KINDS
 
     rng = np.random.default_rng(13)
-    scales = np.array([1e8, 1e6, 100, 1e6, 5, 1e8])
+    scales = np.array([1e8, 1e6, 100, 1e6, 5, 1e8, 1e6])
     assert len(scales) == len(WORK_KINDS)
     rows = [({k: float(v) for k, v in zip(WORK_KINDS, rng.integers(1, 10, len(scales)) * scales)},
              float(rng.uniform(1e-3, 5e-3))) for _ in range(7)]
