@@ -487,7 +487,7 @@ def markdown(rows: list[dict], runs: list[dict], meta: dict, args, command: str,
             f"{args.batch}) is at least swpfx's (within 2 %), at any target; a difference within the larger of the "
             "two stds is a tie.", ""]
     out += [f"- {line}" for line in verdicts(rows)]
-    out += ["", "![accuracy vs measured latency](accuracy_latency.png)", ""]
+    out += ["", f"![accuracy vs measured latency]({args.out.with_suffix('.png').name})", ""]
     return "\n".join(out)
 
 

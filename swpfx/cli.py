@@ -162,11 +162,12 @@ def bench_shape(shape: tuple[int, ...] | None, batch: int) -> tuple[int, ...]:
 
 
 def run_bench(spec: str, shape, protocol="random", batch=1, threshold=0.05, lowering="auto", repeats=50, seed=0,
-              threads=2, keep_dir=None, latency_target=None) -> str:
+              threads=2, keep_dir=None, latency_target=None, profile=False) -> str:
     """Dense vs converted ONNX Runtime latency for ``spec`` with synthetic skeletons; a markdown section.
 
     With ``latency_target`` the cut is ``convert(latency_target=...)``'s (on the
     synthetic skeletons' importance) and the predicted ratio is printed beside the measured one.
+    With ``profile`` a table of ORT's time per op type follows (:func:`swpfx.timing.op_times`).
     """
     import tempfile
     from pathlib import Path
@@ -178,7 +179,7 @@ def run_bench(spec: str, shape, protocol="random", batch=1, threshold=0.05, lowe
 
     from swpfx.convert import convert
     from swpfx.cost import conv_decisions, cost
-    from swpfx.timing import latencies
+    from swpfx.timing import latencies, op_times
     from swpfx.export import export_onnx
     from swpfx.synthetic import synthetic_skeletons_
 
@@ -203,6 +204,8 @@ def run_bench(spec: str, shape, protocol="random", batch=1, threshold=0.05, lowe
         if peer is not None:
             paths["torch-pruning"] = export_onnx(peer["model"], (x,), folder / "torch_pruning.onnx").path
         times = latencies(paths, (x,), threads=threads, rounds=repeats, blocks=3)
+        profiles = {name: op_times(path, (x,), threads=threads, rounds=repeats) for name, path in paths.items()} \
+            if profile else None
     speedup = times["dense"] / times["converted"]
     forms = Counter(conv_decisions(deployed).values())
     cut = deployed.meta["swpfx"]["cut"]
@@ -227,7 +230,23 @@ def run_bench(spec: str, shape, protocol="random", batch=1, threshold=0.05, lowe
     ]
     if peer is not None:
         lines += ["", peer_line(peer, dense_cost, cost(peer["model"], (x,)), times)]
+    if profiles:
+        lines += ["", *op_time_table(profiles)]
     return "\n".join(lines)
+
+
+def op_time_table(profiles: dict[str, dict]) -> list[str]:
+    """Markdown rows: ORT ms per run (and nodes) by op type, one column per model, slowest op type first."""
+    ops = sorted({op for p in profiles.values() for op in p},
+                 key=lambda op: -max(p.get(op, (0.0, 0))[0] for p in profiles.values()))
+    rows = [f"ORT time per op type (its profiler, {', '.join(profiles)}; ms per run, nodes in brackets):", "",
+            "| op type | " + " | ".join(profiles) + " |", "|---|" + "---|" * len(profiles)]
+    for op in ops:
+        cells = [f"{p[op][0]:.3f} ({p[op][1]})" if op in p else "–" for p in profiles.values()]
+        rows.append(f"| {op} | " + " | ".join(cells) + " |")
+    totals = [f"{sum(ms for ms, _ in p.values()):.3f}" for p in profiles.values()]
+    rows.append("| total | " + " | ".join(totals) + " |")
+    return rows
 
 
 def peer_at_latency(model, x, ratio: float) -> dict | None:
@@ -280,7 +299,7 @@ def flop_ratios(dense, pruned, speedup: float) -> str:
 def cmd_bench(args) -> int:
     print(run_bench(args.model, args.input, protocol=args.protocol, batch=args.batch, threshold=args.threshold,
                     lowering=args.lowering, repeats=args.repeats, seed=args.seed, threads=args.threads,
-                    keep_dir=args.keep, latency_target=args.latency_target))
+                    keep_dir=args.keep, latency_target=args.latency_target, profile=args.profile))
     return 0
 
 
@@ -386,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--latency-target", type=_fraction, default=None, metavar="T",
                        help="convert with latency_target=T (predicted ORT latency ≤ T × dense; calibrates this "
                             "machine on first use) instead of --threshold")
+    bench.add_argument("--profile", action="store_true",
+                       help="also print ONNX Runtime's time per op type for each model (its profiler)")
     bench.set_defaults(func=cmd_bench)
 
     cal = sub.add_parser(

@@ -86,13 +86,14 @@ class ExportResult:
 # ---------------------------------------------------------------- ONNX Runtime helpers
 
 
-def ort_session(path: str | os.PathLike | bytes, threads: int = 2):
+def ort_session(path: str | os.PathLike | bytes, threads: int = 2, profile_prefix: str | None = None):
     """The library's one ONNX Runtime CPU session builder (export checks, runtime model, CLI, benchmarks).
 
     ``path`` is an ONNX file or the model's bytes. ``threads`` intra-op threads,
     one inter-op thread, sequential execution, all graph optimisations, and idle
     worker threads do not spin (a spinning session would steal the cores from
-    the next one timed).
+    the next one timed). With ``profile_prefix`` ORT records every node's time
+    (``session.end_profiling()`` writes the JSON trace; see ``swpfx.timing.op_times``).
 
     Example:
         >>> sess = ort_session("/tmp/resnet18.onnx", threads=2)  # doctest: +SKIP
@@ -108,6 +109,9 @@ def ort_session(path: str | os.PathLike | bytes, threads: int = 2):
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # errors only
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     model = path if isinstance(path, bytes) else os.fspath(path)
     return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
 

@@ -115,3 +115,40 @@ def latency(model_or_onnx, example_inputs, threads: int = 2, rounds: int = 50) -
         True
     """
     return latencies({"model": model_or_onnx}, example_inputs, threads=threads, rounds=rounds)["model"]
+
+
+def op_times(onnx_path, example_inputs, threads: int = 2, rounds: int = 50, warmup: int = 10) -> dict[str, tuple]:
+    """Where ORT spends its time: {op type: (ms per run, nodes per run)}, slowest first, from ORT's profiler.
+
+    Op types are those of the graph ORT runs after its optimisations, so layout
+    changes show up as ``ReorderInput``/``ReorderOutput`` nodes of the NCHWc
+    transformer. Profiling costs a little time per node; compare op types, not
+    totals, with :func:`latencies`.
+
+    Example:
+        >>> import torch, swpfx, tempfile, os
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU()).eval()
+        >>> x = torch.randn(1, 3, 32, 32)
+        >>> path = os.path.join(tempfile.mkdtemp(), "m.onnx")
+        >>> _ = swpfx.export_onnx(model, (x,), path)
+        >>> "Conv" in op_times(path, (x,), rounds=3, warmup=1)
+        True
+    """
+    import json
+    import os
+    import tempfile
+    from collections import defaultdict
+
+    with tempfile.TemporaryDirectory() as directory:
+        session = ort_session(onnx_path, threads, profile_prefix=os.path.join(directory, "ort"))
+        feed = {i.name: x.detach().cpu().numpy() for i, x in zip(session.get_inputs(), example_inputs)}
+        for _ in range(warmup + rounds):
+            session.run(None, feed)
+        with open(session.end_profiling()) as trace:
+            events = [e for e in json.load(trace) if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    events.sort(key=lambda e: e["ts"])
+    totals, counts = defaultdict(float), defaultdict(int)
+    for event in events[len(events) * warmup // (warmup + rounds):]:  # every run executes the same nodes
+        totals[event["args"]["op_name"]] += event["dur"] / 1e3 / rounds
+        counts[event["args"]["op_name"]] += 1
+    return {op: (ms, round(counts[op] / rounds)) for op, ms in sorted(totals.items(), key=lambda kv: -kv[1])}

@@ -6,12 +6,13 @@ import pytest
 import torch
 
 import swpfx
-from helpers import RUNTIME_MODEL, randomize_batchnorm_
+from helpers import BLOCK, RUNTIME_MODEL, randomize_batchnorm_
 from swpfx.budget_pruner import BudgetPruner
 from swpfx.data import residual_bn_cnn
 from swpfx.estimate import predict_graph
 
 X = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+FIXED = {"runtime_model": RUNTIME_MODEL, "channel_multiple": BLOCK}  # cuts independent of this machine's CPU
 
 
 def prepared_net(seed: int = 0):
@@ -34,16 +35,16 @@ def train_like(prepared, pruner, steps: int = 6, seed: int = 0) -> None:
 @pytest.mark.parametrize("target", [0.7, 0.45])
 def test_converted_model_meets_the_latency_target_with_nothing_more_cut(target):
     prepared = prepared_net()
-    pruner = BudgetPruner(prepared, latency_target=target, example_inputs=(X,), runtime_model=RUNTIME_MODEL,
+    pruner = BudgetPruner(prepared, latency_target=target, example_inputs=(X,), **FIXED,
                           updates=3, ramp=0.5)
     train_like(prepared, pruner)
     assert pruner.done_updates == 3
     assert pruner.report["latency_target"] == pytest.approx(target)
-    deployed = swpfx.convert(prepared, threshold=0.0, example_inputs=(X,), runtime_model=RUNTIME_MODEL)
-    dense = swpfx.convert(prepared_net(), threshold=0.0, example_inputs=(X,), runtime_model=RUNTIME_MODEL)
+    deployed = swpfx.convert(prepared, threshold=0.0, example_inputs=(X,), **FIXED)
+    dense = swpfx.convert(prepared_net(), threshold=0.0, example_inputs=(X,), **FIXED)
     ratio = predict_graph(deployed, RUNTIME_MODEL, batch=16) / predict_graph(dense, RUNTIME_MODEL, batch=16)
     assert ratio <= target
-    again = swpfx.convert(prepared, latency_target=target, example_inputs=(X,), runtime_model=RUNTIME_MODEL)
+    again = swpfx.convert(prepared, latency_target=target, example_inputs=(X,), **FIXED)
     cut = again.meta["swpfx"]["cut"]
     assert cut["pruned_units"] in (0, [0, 0]) or cut["kept_stripes"] == deployed_kept(prepared)
     assert cut["kept_stripes"] == deployed_kept(prepared)
@@ -60,10 +61,10 @@ def deployed_kept(prepared) -> int:
 
 def test_flops_target_is_met_by_the_trained_zeros():
     prepared = prepared_net(1)
-    pruner = BudgetPruner(prepared, flops_target=0.5, example_inputs=(X[:1],), runtime_model=RUNTIME_MODEL,
+    pruner = BudgetPruner(prepared, flops_target=0.5, example_inputs=(X[:1],), **FIXED,
                           granularity="filter", updates=2)
     train_like(prepared, pruner, seed=1)
-    deployed = swpfx.convert(prepared, threshold=0.0, example_inputs=(X[:1],), runtime_model=RUNTIME_MODEL)
+    deployed = swpfx.convert(prepared, threshold=0.0, example_inputs=(X[:1],), **FIXED)
     dense_flops = swpfx.cost(prepared, (X[:1],)).flops
     assert swpfx.cost(deployed, (X[:1],)).flops <= 0.5 * dense_flops
     assert swpfx.cost(deployed, (X[:1],)).flops == pytest.approx(pruner.report["flops_ratio"] * dense_flops)
@@ -71,7 +72,7 @@ def test_flops_target_is_met_by_the_trained_zeros():
 
 def test_the_cut_tightens_along_the_ramp_and_holds_between_updates():
     prepared = prepared_net(2)
-    pruner = BudgetPruner(prepared, latency_target=0.5, example_inputs=(X,), runtime_model=RUNTIME_MODEL,
+    pruner = BudgetPruner(prepared, latency_target=0.5, example_inputs=(X,), **FIXED,
                           updates=4, ramp=0.8)
     assert [pruner.scheduled_target(k) for k in range(1, 5)] == pytest.approx([0.875, 0.75, 0.625, 0.5])
     assert [pruner.due_updates(p) for p in (0.0, 0.19, 0.2, 0.61, 0.8, 1.0)] == [0, 0, 1, 3, 4, 4]
@@ -94,11 +95,11 @@ def test_zeros_of_an_earlier_cut_are_given_back_when_the_new_cut_does_not_need_t
     prepared = prepared_net(3)
     with torch.no_grad():
         swpfx.skeletons(prepared)["blocks.2.conv2"][:, 0, 0] = 0.0  # a conv that stays dense at target 1
-    pruner = BudgetPruner(prepared, latency_target=0.9, example_inputs=(X,), runtime_model=RUNTIME_MODEL)
+    pruner = BudgetPruner(prepared, latency_target=0.9, example_inputs=(X,), **FIXED)
     masks, _ = pruner.cut(1.0)
     assert all(bool(m.all()) for m in masks.values())
     sticky = copy.deepcopy(prepared)
-    deployed = swpfx.convert(sticky, latency_target=1.0, example_inputs=(X,), runtime_model=RUNTIME_MODEL)
+    deployed = swpfx.convert(sticky, latency_target=1.0, example_inputs=(X,), **FIXED)
     assert deployed.meta["swpfx"]["cut"]["kept_stripes"] < deployed.meta["swpfx"]["cut"]["total_stripes"]
 
 
@@ -115,20 +116,20 @@ def test_bad_arguments_raise_clear_errors(kwargs, message):
     prepared = prepared_net()
     if message is None:  # a latency budget needs the runtime model to choose forms: refused before training
         with pytest.raises(ValueError, match="latency_target needs lowering='auto'"):
-            BudgetPruner(prepared, example_inputs=(X,), runtime_model=RUNTIME_MODEL, **kwargs)
+            BudgetPruner(prepared, example_inputs=(X,), **FIXED, **kwargs)
         return
     with pytest.raises(ValueError, match=f"swpfx.BudgetPruner: {message}"):
-        BudgetPruner(prepared, example_inputs=(X,), runtime_model=RUNTIME_MODEL, **kwargs)
+        BudgetPruner(prepared, example_inputs=(X,), **FIXED, **kwargs)
 
 
 def test_progress_out_of_range_and_unprepared_models_are_refused():
-    pruner = BudgetPruner(prepared_net(), latency_target=0.5, example_inputs=(X,), runtime_model=RUNTIME_MODEL)
+    pruner = BudgetPruner(prepared_net(), latency_target=0.5, example_inputs=(X,), **FIXED)
     with pytest.raises(ValueError, match="progress must be a fraction in \\[0, 1\\]"):
         pruner.step(1.5)
     with pytest.raises((TypeError, ValueError), match="BudgetPruner"):
-        BudgetPruner(residual_bn_cnn(), latency_target=0.5, example_inputs=(X,), runtime_model=RUNTIME_MODEL)
+        BudgetPruner(residual_bn_cnn(), latency_target=0.5, example_inputs=(X,), **FIXED)
 
 
 def test_an_unreachable_target_is_refused_before_training_with_the_closest_value():
     with pytest.raises(ValueError, match=r"latency_target=0.01 is not reachable .* closest reachable value is 0\.\d+"):
-        BudgetPruner(prepared_net(), latency_target=0.01, example_inputs=(X,), runtime_model=RUNTIME_MODEL)
+        BudgetPruner(prepared_net(), latency_target=0.01, example_inputs=(X,), **FIXED)

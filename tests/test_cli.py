@@ -78,6 +78,18 @@ def test_bench_success(capsys, tmp_path):
     assert (tmp_path / "dense.onnx").exists() and (tmp_path / "pruned.onnx").exists()
 
 
+def test_bench_profile_prints_ort_time_per_op_type(capsys):
+    code, out, err = run(capsys, "bench", DEMO_NET, "--input", "1,28,28", "--batch", "2", "--protocol",
+                         "structured", "--repeats", "3", "--lowering", "always", "--profile")
+    assert code == 0, err
+    table = out[out.index("ORT time per op type"):].splitlines()
+    assert table[2] == "| op type | dense | converted |"
+    rows = {line.split(" | ")[0].strip("| "): line for line in table[4:]}
+    dense_convs = int(re.search(r"\| [\d.]+ \((\d+)\) \|", rows["Conv"]).group(1))
+    assert dense_convs == 4 and "Concat" in rows  # the dense net's 4 convs; a lowered conv concatenates its parts
+    assert "total" in rows
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["cost", "no_such_model"], "unknown model 'no_such_model'"),
     (["cost", "resnet"], "did you mean"),
