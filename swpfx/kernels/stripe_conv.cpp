@@ -193,6 +193,9 @@ void micro(const float* __restrict x, std::int64_t xs, const float* __restrict w
   for (int f = 0; f < F; ++f)
 #pragma GCC unroll 4
     for (int p = 0; p < PV; ++p) acc[f][p] = vzero();
+  // Unrolled by 4: with one tap per call the loop is short (cc <= 128), and its per-iteration branch and
+  // pointer updates cost ~6% of the 64-channel (56²) calls on Zen 3 (AVX2); measured, 8 gains nothing more.
+#pragma GCC unroll 4
   for (int c = 0; c < cc; ++c) {
     vec xv[PV];
 #pragma GCC unroll 4
@@ -542,8 +545,12 @@ void pack_plane(const Plan& P, const float* xn, float* dst, std::int64_t k, std:
     // Whole vectors, zeros outside [lo, hi): a row's last vector may spill into the next row (written after
     // it) or into the tail (zeroed below).
     if (sw == 1) {
-      for (std::int64_t v = 0; v < Wr; v += VL)
-        vstore(d + v, vload_range(s + v + off, static_cast<int>(lo - v), static_cast<int>(hi - v)));
+      // Vectors wholly inside [lo, hi) take a plain load, only the row's edge vectors a masked one (with a
+      // masked load per vector, packing was 6-9% of a 1-thread 64/56² call on Zen 3, AVX2).
+      for (std::int64_t v = 0; v < Wr; v += VL) {
+        if (v >= lo && v + VL <= hi) vstore(d + v, vload(s + v + off));
+        else vstore(d + v, vload_range(s + v + off, static_cast<int>(lo - v), static_cast<int>(hi - v)));
+      }
 #if defined(SWP_HAVE_EVEN_RANGE)
     } else if (sw == 2) {
       for (std::int64_t v = 0; v < Wr; v += VL)

@@ -444,6 +444,9 @@ COST_MEM_FLOAT = 1.0  # per packed weight float read from memory (once per item:
 #                       ran in between; measured: a second copy of 512/7²'s weights per thread costs ~0.17 ms)
 COST_L2_FLOAT = 0.02  # per packed weight float re-read from L2 (once per further micro-tile)
 COST_L3_FLOAT = 0.06  # ... from L3, when an item's working set overflows L2
+COST_SPILL = 0.15  # extra fraction of an item's multiply-adds when a channel chunk of its band's packed input
+#                    plus its accumulators overflow half of L2 (measured on Zen 3, AVX2, 512 KB L2: 64/56² in
+#                    4 bands of 14 rows ran 10-20% slower than in 8-14 bands, 128/28² in 2 bands than in 4)
 MIN_ITEMS_PER_THREAD = 2  # preferred when threads > 1 (1 leaves nothing to take; 2, 4 and 8 measured alike)
 COST_LATE = 40000.0  # expected loss to a worker that starts late, with one item per thread
 
@@ -469,8 +472,10 @@ def partition(packed: StripePackedWeights, geometry: tuple, threads: int, pv: in
     Per thread: the multiply-adds of its items (vectors of the flat pixel axis x kept stripes x
     channels), a fixed cost per register block and tile, packing each band's input rows once, the
     epilogue, reading the group's weights from memory (once per item, plus once per further micro-tile
-    from L2 or L3 when tiles are the outer loop), and, with several threads, the expected loss to a late worker (smaller with more items
-    to steal). The busiest thread's total is minimised.
+    from L2 or L3 when tiles are the outer loop), a surcharge when a channel chunk of the band's packed
+    input plus the item's accumulators overflow half of L2 (stride 1), and, with several threads, the
+    expected loss to a late worker (smaller with more items to steal). The busiest thread's total is
+    minimised.
     """
     key = (geometry, threads, pv, vl, groups, bands, channel_chunk, l2_bytes)
     cached = packed._partitions.get(key)
@@ -522,6 +527,13 @@ def partition(packed: StripePackedWeights, geometry: tuple, threads: int, pv: in
             tiles_outer = kept[None, :] <= (ntiles * pv * vl)[:, None]
             again = np.where(foot > l2_bytes, COST_L3_FLOAT, COST_L2_FLOAT) * (ntiles - 1)[:, None]
             comp = comp + wfloats * (COST_MEM_FLOAT + np.where(tiles_outer, again, 0.0))
+            # Within a channel chunk, every input row is re-read by the blocks and tiles of several output rows,
+            # with the weights streaming through L2 and the band's accumulators written in between: unless the
+            # chunk's packed band and the accumulators fit in half of L2, those re-reads come from L3. Measured
+            # for one phase plane (stride 1) only: at stride 2 (four planes) the bands it asked for were slower.
+            live = (planes * cc[0] * ((rows + ext_h) * wq + ext_w + vl) * 4)[:, None] \
+                + np.outer(ntiles * pv * vl, nfg + 1) * 4
+            comp = comp + np.where((live > l2_bytes / 2) & (planes == 1), COST_SPILL * np.outer(nv * c, kept), 0.0)
             flat = comp.reshape(-1)
             worst = 0.0
             for t in range(threads):
