@@ -3,8 +3,9 @@
 For one stripe-pruned conv, :func:`swpfx.passes.form_work.candidate_work` counts
 the work of the dense conv and of every lowering the pass can emit (MACs done by
 dense GEMM-like convs, MACs and groups of one-hot grouped convs, elements copied
-by pad/slice/concat/gather/sum, node count), and :class:`RuntimeModel` turns
-work into seconds with per-kind coefficients. The shipped coefficients were
+by pad/slice/concat/gather/sum, node count, and whether its output can stay in
+ORT's channel-blocked layout), and :class:`RuntimeModel` turns work into seconds
+with per-kind coefficients. The shipped coefficients were
 fitted on an AVX-512 machine and are a fallback only: :func:`calibrate` (also
 ``swpfx calibrate``) fits them on the machine it runs on by timing ResNet-18's
 conv shapes with both mask protocols, exported with ``swpfx.export_onnx``, in
@@ -441,9 +442,11 @@ def calibrate(cache="default", shapes=CALIBRATION_SHAPES, rounds: int = 20, seed
               threads: int = 2, progress: bool = True, dense_shapes=DENSE_CALIBRATION_SHAPES) -> RuntimeModel:
     """Time dense and every lowering on representative conv shapes in ORT, fit a RuntimeModel, cache it.
 
-    Each of ``shapes`` is tried with both mask protocols of ``swpfx.masks``, and
-    its dense conv also at ``CALIBRATION_BATCH`` samples; each of
-    ``dense_shapes`` as a dense conv only, at both batch sizes. Every candidate is
+    Each of ``shapes`` is tried with both mask protocols of ``swpfx.masks`` (live
+    filters cut to a block multiple), every candidate followed by a small blocked
+    1×1 conv so that leaving ORT's blocked layout costs what it costs in a graph
+    (``reorder_elems``), and its dense conv also at ``CALIBRATION_BATCH`` samples;
+    each of ``dense_shapes`` as a dense conv only, at both batch sizes. Every candidate is
     exported with ``swpfx.export_onnx`` and timed in a session of
     :func:`swpfx.export.ort_session` (thread spinning off), interleaved. About
     two minutes on 2 cores. ``cache="default"`` writes :func:`cache_path`;
