@@ -83,6 +83,11 @@ def _output_gather(work: dict, parts: list[int], reordered: bool, out_elems: int
     work["output"] = (tuple(parts) if blocked and not reordered else None, out_elems)
 
 
+def _gathers(geometry: ConvGeometry, out_of_order: bool) -> bool:
+    """Whether a boxes/one-hot output is gathered back to filter order (not when the consumers take any order)."""
+    return out_of_order and not geometry.free_order
+
+
 def _spatial(geometry: ConvGeometry) -> tuple[int, int, int, int]:
     if geometry.input_hw is None:
         raise ValueError("form_work: the conv's input size is unknown (ConvGeometry.input_hw is None)")
@@ -118,7 +123,7 @@ def boxes_work(geometry: ConvGeometry, mask: torch.Tensor, min_group: int = DEFA
             _merge(work, copy_elems=len(filters) * (c // g) * h * w, ops=1)
         _merge(work, conv_macs=len(filters) * (c // g) * box_area(box) * ho * wo, ops=1)
         order.extend(filters)
-    _output_gather(work, [len(fs) for _, fs in groups], order != sorted(order), o * ho * wo)
+    _output_gather(work, [len(fs) for _, fs in groups], _gathers(geometry, order != sorted(order)), o * ho * wo)
     return work
 
 
@@ -133,11 +138,13 @@ def onehot_work(geometry: ConvGeometry, mask: torch.Tensor) -> dict:
         _merge(work, conv_macs=n * k * c * h * w, ops=2, onehot_macs=n * k * kh * kw * ho * wo, onehot_groups=n)
         if not _symmetric(geometry.pads):
             _merge(work, copy_elems=_padded_elems(n * k, h, w, geometry.pads), ops=1)
-    _output_gather(work, [len(fs) for _, fs in buckets], len(buckets) > 1, o * ho * wo, blocked=False)
+    _output_gather(work, [len(fs) for _, fs in buckets], _gathers(geometry, len(buckets) > 1), o * ho * wo,
+                   blocked=False)
     return work
 
 
 def shift_work(geometry: ConvGeometry, mask: torch.Tensor) -> dict:
+    # Always gathers: ``free_order`` is judged after the BatchNorm/ReLU that shift leaves after its sums.
     h, w, ho, wo = _spatial(geometry)
     c, o = geometry.in_channels, geometry.out_channels
     work: dict = {"layout": layout(geometry)}

@@ -57,7 +57,7 @@ Example:
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -334,6 +334,12 @@ def permutable_consumers(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node] | N
     return users or None
 
 
+def takes_any_order(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether a boxes/one-hot lowering of ``node`` permutes its consumers instead of gathering (``free_order``)."""
+    followers = channelwise_followers(gm, node)
+    return permutable_consumers(gm, followers[-1] if followers else node) is not None
+
+
 def lower_conv(gm: fx.GraphModule, node: fx.Node, form: str, min_group: int = DEFAULT_MIN_GROUP,
                fuse_followers: bool = True, align: int = 1) -> fx.Node:
     """Replace the stripe conv ``node`` by the lowered ``form``; returns the node producing its output.
@@ -369,6 +375,7 @@ def lower_conv(gm: fx.GraphModule, node: fx.Node, form: str, min_group: int = DE
             swpfx_meta(consumer)["input_order"] = "permuted by " + b.base
     else:
         out = b.restore_order([p for p, _ in parts], order)
+    geometry = replace(geometry, free_order=bool(consumers) and form != "shift")
     info = {"role": "lowered_conv", "conv": b.source, "kept_stripes": int(mask.sum()), "lowering": form,
             "work": form_work(geometry, mask, form, min_group=min_group, align=align)}  # per sample, for the runtime model
     for new in b.created:
@@ -450,7 +457,7 @@ def lower_stripe_convs(gm: fx.GraphModule, lowering: str = "auto",
         if lowering == "never" or not is_lowerable(conv, mask):
             continue
         shape = input_shape(gm, node)
-        geometry = ConvGeometry.of(conv, shape)
+        geometry = replace(ConvGeometry.of(conv, shape), free_order=takes_any_order(gm, node))
         form, options = choose_form(geometry, mask, supported_forms(geometry), shape[0], lowering == "auto")
         if form != "dense":
             result.forms[node.name] = form

@@ -34,6 +34,10 @@ class ConvGeometry:
     """Everything about a conv that decides its lowering, with explicit per-side pads.
 
     pads = (top, bottom, left, right), as the conv pads its input with zeros.
+    ``free_order``: the conv's consumers take its output channels in any order
+    (``lower_stripe_convs`` permutes their weights instead of gathering the
+    lowered output back into filter order), a fact of the graph the form's cost
+    depends on.
     """
 
     in_channels: int
@@ -44,6 +48,7 @@ class ConvGeometry:
     pads: tuple[int, int, int, int]
     groups: int
     input_hw: tuple[int, int] | None = None
+    free_order: bool = False
 
     @classmethod
     def of(cls, conv: nn.Conv2d, input_shape=None) -> ConvGeometry:

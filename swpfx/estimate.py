@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import fx, nn
@@ -38,7 +38,7 @@ from swpfx.passes.count_costs import lowered_instance
 from swpfx.passes.fold_skeletons import fold_skeletons
 from swpfx.passes.form_work import dense_work, executed_macs, form_work
 from swpfx.passes.graph_utils import swpfx_meta
-from swpfx.passes.lower_stripe_convs import channelwise_followers, is_lowerable, used_once
+from swpfx.passes.lower_stripe_convs import channelwise_followers, is_lowerable, takes_any_order, used_once
 from swpfx.passes.remove_channels import (constant_sources, dense_input_weight, has_zero_padding, keep_indices,
                                           plan_removal)
 from swpfx.passes.stripe_geometry import ConvGeometry, supported_forms
@@ -160,7 +160,7 @@ def _geometry_after_removal(site: _ConvSite, out_keep, in_keep) -> ConvGeometry:
         groups = in_n
     elif groups > 1:
         groups = len(kept_groups(groups, in_ch, out_ch, out_keep, in_keep))
-    return ConvGeometry(in_n, out_n, g.kernel, g.stride, g.dilation, g.pads, groups, g.input_hw)
+    return ConvGeometry(in_n, out_n, g.kernel, g.stride, g.dilation, g.pads, groups, g.input_hw, g.free_order)
 
 
 class ConversionEstimate:
@@ -196,8 +196,8 @@ class ConversionEstimate:
             if isinstance(module, nn.Conv2d):
                 src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
                 shape = src.meta["tensor_meta"].shape
-                self.convs.append(_ConvSite(node, swpfx_meta(node).get("conv", ""), module,
-                                            ConvGeometry.of(module, shape), shape[0], src,
+                geometry = replace(ConvGeometry.of(module, shape), free_order=takes_any_order(gm, node))
+                self.convs.append(_ConvSite(node, swpfx_meta(node).get("conv", ""), module, geometry, shape[0], src,
                                             channelwise_followers(gm, node)))
             elif isinstance(module, nn.Linear):
                 self.linears.append((node, module))
@@ -304,6 +304,9 @@ class ConversionEstimate:
             mask = torch.ones(site.geometry.out_channels, *site.geometry.kernel, dtype=torch.bool)
         folded_mask = mask.to(torch.bool).cpu()
         mask = _mask_after_removal(folded_mask, out_keep)
+        dead_flops, dead_seconds = self._dead_channel_conv(site, geometry, folded_mask, in_keep)
+        if dead_flops:  # the ones-map sum consumes the conv: its output goes back to filter order
+            geometry = replace(geometry, free_order=False)
         form, options = "dense", {}
         if self.lowering != "never" and is_lowerable(site.module, mask):
             form, options = self.choose_form(geometry, mask, supported_forms(geometry), site.batch,
@@ -311,7 +314,6 @@ class ConversionEstimate:
         work = form_work(geometry, mask, form, **options)
         flops = 2 * site.batch * executed_macs(work)
         seconds = self._per_sample(work)
-        dead_flops, dead_seconds = self._dead_channel_conv(site, geometry, folded_mask, in_keep)
         if dead_flops:  # the sum with the ones-map conv ends the fusion; a BatchNorm folds into both convs
             seconds += sum(self._per_probe(self._other_work(f, keep)) for f in self._unfolded(site))
         elif form not in FORMS_TAKING_FOLLOWERS:  # the followers run on their own

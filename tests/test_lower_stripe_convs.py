@@ -19,6 +19,7 @@ from swpfx.passes.lower_stripe_convs import (
     lower_stripe_convs,
     mark_stripe_conv,
     supported_forms,
+    takes_any_order,
 )
 from swpfx.masks import random_stripe_mask, structured_stripe_mask
 from swpfx.passes.form_work import form_work
@@ -257,6 +258,33 @@ def test_aligned_box_groups_keep_block_multiples_and_only_move_filters_up(genera
         own = stripe_boxes(mask).tolist()
         for box, filters in groups:  # every filter computed in a box that covers its kept stripes
             assert all(box_covers(box, tuple(own[o])) for o in filters)
+
+
+def test_a_conv_whose_consumers_take_any_order_is_priced_and_built_without_a_gather(generator):
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 8, 3, padding=1))
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1, generator=generator)
+        model[1].running_var.uniform_(0.5, 2, generator=generator)
+    gm = fx.symbolic_trace(model.eval())
+    mask = torch.zeros(16, 3, 3, dtype=torch.bool)
+    mask[::2, 1, 1] = True
+    mask[1::2] = True  # centre and full filters interleaved: the parts' concat is out of filter order
+    x = torch.randn(2, 8, 10, 10, generator=generator)
+    mark_stripe_conv(gm, "0", mask, x)
+    expected = gm(x)
+    node = next(n for n in gm.graph.nodes if n.target == "0")
+    assert takes_any_order(gm, node)
+    lower_conv(gm, node, "boxes", min_group=1)
+    gm.graph.lint()
+    gm.recompile()
+    assert relative_error(gm(x), expected) <= REL_TOL[torch.float32]
+    assert not any(n.target is torch.index_select for n in gm.graph.nodes)  # the last conv took the permutation
+    lowered = [n.meta["swpfx"] for n in gm.graph.nodes if n.meta.get("swpfx", {}).get("role") == "lowered_conv"]
+    work = lowered[0]["work"]
+    assert work["output"][0] == (8, 8)  # priced as built: no gather, and parts of a block multiple stay blocked
+    assert "reorder_elems" not in RuntimeModel(block=8).priced(work)
+    geometry = ConvGeometry.of(model[0], x.shape)
+    assert form_work(geometry, mask, "boxes", min_group=1)["output"][0] is None  # a gather when the order is fixed
 
 
 def test_aligned_boxes_stay_blocked_where_unaligned_ones_pay_two_reorders():
