@@ -14,8 +14,11 @@ built subgraph executes:
 ``ops``
     the number of graph ops (per call, not per sample);
 
-and two entries that are not amounts but decide how ONNX Runtime lays the work
-out, which ``swpfx.runtime_model`` prices: ``layout``, the conv's
+and three entries that are not amounts but decide how ONNX Runtime lays the work
+out, which ``swpfx.runtime_model`` prices: ``gemms``, ``(filters, MACs)`` of
+each GEMM-like conv of an ungrouped conv's form (ORT's blocked kernel reuses each
+input load across a few filter blocks only, so few filters cost more per MAC);
+``layout``, the conv's
 ``(in_channels, out_channels, groups)``, which decides whether its GEMM-like
 convs run on the fast channel-blocked (NCHWc) path (every form's GEMM-like convs
 read all the conv's input channels); and ``output``, ``(parts, elements)``: the
@@ -83,6 +86,13 @@ def _output_gather(work: dict, parts: list[int], reordered: bool, out_elems: int
     work["output"] = (tuple(parts) if blocked and not reordered else None, out_elems)
 
 
+def _gemm(work: dict, filters: int, macs: int, grouped: bool = False) -> None:
+    """One GEMM-like conv of ``filters`` output channels: its MACs, and (ungrouped) its entry in ``gemms``."""
+    _merge(work, conv_macs=macs)
+    if not grouped:
+        work["gemms"] = (*work.get("gemms", ()), (filters, macs))
+
+
 def _gathers(geometry: ConvGeometry, out_of_order: bool) -> bool:
     """Whether a boxes/one-hot output is gathered back to filter order (not when the consumers take any order)."""
     return out_of_order and not geometry.free_order
@@ -103,7 +113,9 @@ def dense_work(geometry: ConvGeometry, mask=None) -> dict:
     _, _, ho, wo = _spatial(geometry)
     kh, kw = geometry.kernel
     macs = geometry.out_channels * (geometry.in_channels // geometry.groups) * kh * kw * ho * wo
-    return {"conv_macs": macs, "ops": 1, "layout": layout(geometry)}
+    work = {"ops": 1, "layout": layout(geometry)}
+    _gemm(work, geometry.out_channels, macs, geometry.groups > 1)
+    return work
 
 
 def boxes_work(geometry: ConvGeometry, mask: torch.Tensor, min_group: int = DEFAULT_MIN_GROUP,
@@ -121,7 +133,8 @@ def boxes_work(geometry: ConvGeometry, mask: torch.Tensor, min_group: int = DEFA
             _merge(work, copy_elems=_padded_elems(c, h, w, pads), ops=1)
         if g > 1:  # input channel gather (upper bound: every filter duplicates its group's channels)
             _merge(work, copy_elems=len(filters) * (c // g) * h * w, ops=1)
-        _merge(work, conv_macs=len(filters) * (c // g) * box_area(box) * ho * wo, ops=1)
+        _gemm(work, len(filters), len(filters) * (c // g) * box_area(box) * ho * wo, g > 1)
+        _merge(work, ops=1)
         order.extend(filters)
     _output_gather(work, [len(fs) for _, fs in groups], _gathers(geometry, order != sorted(order)), o * ho * wo)
     return work
@@ -135,7 +148,8 @@ def onehot_work(geometry: ConvGeometry, mask: torch.Tensor) -> dict:
     buckets = stripe_count_buckets(mask)
     for k, filters in buckets:
         n = len(filters)
-        _merge(work, conv_macs=n * k * c * h * w, ops=2, onehot_macs=n * k * kh * kw * ho * wo, onehot_groups=n)
+        _gemm(work, n * k, n * k * c * h * w)
+        _merge(work, ops=2, onehot_macs=n * k * kh * kw * ho * wo, onehot_groups=n)
         if not _symmetric(geometry.pads):
             _merge(work, copy_elems=_padded_elems(n * k, h, w, geometry.pads), ops=1)
     _output_gather(work, [len(fs) for _, fs in buckets], _gathers(geometry, len(buckets) > 1), o * ho * wo,
@@ -152,7 +166,9 @@ def shift_work(geometry: ConvGeometry, mask: torch.Tensor) -> dict:
         _merge(work, copy_elems=_padded_elems(c, h, w, geometry.pads), ops=1)
     used = [n for n in mask.flatten(1).sum(0).tolist() if n]
     s = int(mask.sum())
-    _merge(work, copy_elems=len(used) * c * ho * wo, conv_macs=s * c * ho * wo, ops=2 * len(used))
+    _merge(work, copy_elems=len(used) * c * ho * wo, ops=2 * len(used))
+    for n in used:  # a 1×1 conv per tap, over the filters keeping it
+        _gemm(work, n, n * c * ho * wo)
     if len(used) > 1:
         _merge(work, copy_elems=s * ho * wo, ops=1)
     buckets = stripe_count_buckets(mask)

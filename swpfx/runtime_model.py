@@ -83,6 +83,7 @@ DEFAULT_COEFFICIENTS = {
     "copy_elems": 2.66e-10,
     "ops": 7.96e-6,
     "reorder_elems": 2.66e-10,  # not fitted on that machine; one copy per element, as copy_elems
+    "input_loads": 1.6e-10,  # not fitted on that machine; from 3×3 convs at 28² with 8 to 64 filters on AVX2
 }
 
 
@@ -157,10 +158,34 @@ def leaves_blocked_layout(output, block: int) -> bool:
     return parts is None or (len(parts) > 1 and any(p % block for p in parts))
 
 
-# the runtime model's work kinds: the forms' (form_work.WORK_KINDS), conv MACs ORT runs off its NCHWc path, and
-# output elements reordered out of the NCHWc layout and back (counted twice)
-WORK_KINDS = (*FORM_WORK_KINDS, "nchw_macs", "reorder_elems")
-NOT_AMOUNTS = ("layout", "output")  # entries of a form's work that say how ORT lays it out
+# the runtime model's work kinds: the forms' (form_work.WORK_KINDS), conv MACs ORT runs off its NCHWc path,
+# output elements reordered out of the NCHWc layout and back (counted twice), and the input vectors ORT's
+# blocked conv kernel loads (:func:`input_loads`)
+WORK_KINDS = (*FORM_WORK_KINDS, "nchw_macs", "reorder_elems", "input_loads")
+NOT_AMOUNTS = ("layout", "output", "gemms")  # entries of a form's work that say how ORT lays it out
+FILTER_BLOCKS_PER_LOAD = 4  # MLAS's NCHWc conv kernels compute up to 4 filter blocks per pass over the input
+
+
+def input_loads(gemms, block: int) -> float:
+    """Input values ORT's NCHWc conv kernel loads for ``gemms`` (``(filters, MACs)`` of each GEMM-like conv).
+
+    The kernel loads each input value once per pass over the input and
+    multiplies it into up to ``FILTER_BLOCKS_PER_LOAD`` filter blocks, so a conv
+    of one filter block loads four times as much per MAC as one of four: why, on
+    AVX2, a 3×3 conv at 28² with 8 filters ran at 37 GMAC/s and one with 24 or
+    more at 80–89, which MACs alone do not say.
+
+    >>> input_loads([(64, 64 * 1000)], 16), input_loads([(16, 16 * 1000)], 16), input_loads([(80, 80 * 1000)], 16)
+    (1000.0, 1000.0, 2000.0)
+    """
+    if block <= 1:
+        return 0.0
+    return float(sum(macs / filters * _passes(filters, block) for filters, macs in gemms if filters))
+
+
+def _passes(filters: int, block: int) -> int:
+    blocks = -(-filters // block)
+    return -(-blocks // FILTER_BLOCKS_PER_LOAD)
 
 
 def machine_key() -> str:
@@ -197,7 +222,8 @@ class RuntimeModel:
     off ORT's NCHWc path for ``block`` (:func:`runs_nchwc`) are priced as
     ``nchw_macs``, and the output of a form whose parts cannot stay in the
     blocked layout (:func:`leaves_blocked_layout`) is priced as two reorders
-    (``reorder_elems``). ``pays(lowered, dense)`` is the "auto" rule: lower only if
+    (``reorder_elems``), and the blocked path's input loads of an ungrouped
+    conv's GEMM-like convs as ``input_loads`` (:func:`input_loads`). ``pays(lowered, dense)`` is the "auto" rule: lower only if
     predicted faster than ``margin`` × dense.
 
     >>> model = RuntimeModel()
@@ -217,7 +243,7 @@ class RuntimeModel:
 
     def priced(self, work: dict) -> dict:
         """``work``'s amounts by the kinds this model prices: GEMM MACs off the NCHWc path become ``nchw_macs``,
-        an output that leaves the blocked layout ``reorder_elems``.
+        an output that leaves the blocked layout ``reorder_elems``, GEMM-like convs on it also ``input_loads``.
 
         >>> RuntimeModel(block=16).priced({"conv_macs": 100, "ops": 1, "layout": (40, 64, 1)})
         {'ops': 1, 'nchw_macs': 100}
@@ -225,6 +251,8 @@ class RuntimeModel:
         {'conv_macs': 120.0, 'ops': 1}
         >>> RuntimeModel(block=16).priced({"conv_macs": 100, "layout": (64, 64, 1), "output": ((40, 24), 50)})
         {'conv_macs': 100, 'reorder_elems': 100}
+        >>> RuntimeModel(block=16).priced({"conv_macs": 640, "layout": (64, 64, 1), "gemms": ((16, 320), (16, 320))})
+        {'conv_macs': 640, 'input_loads': 40.0}
         """
         amounts = {k: v for k, v in work.items() if k not in NOT_AMOUNTS}
         if leaves_blocked_layout(work.get("output"), self.block):
@@ -234,7 +262,10 @@ class RuntimeModel:
             return amounts
         if not runs_nchwc(*shape, self.block):
             amounts["nchw_macs"] = amounts.pop("conv_macs") + amounts.get("nchw_macs", 0)
-        elif shape[1] % self.block:  # ORT pads the filters to a block multiple and computes the padding too
+            return amounts
+        if work.get("gemms") and self.block > 1:
+            amounts["input_loads"] = input_loads(work["gemms"], self.block)
+        if shape[1] % self.block:  # ORT pads the filters to a block multiple and computes the padding too
             amounts["conv_macs"] = amounts["conv_macs"] * -(-shape[1] // self.block) * self.block / shape[1]
         return amounts
 
@@ -279,19 +310,27 @@ class RuntimeModel:
                    source=str(path), machine=data.get("machine", ""), block=data.get("block", channel_block()))
 
 
+def is_current(path) -> bool:
+    """Whether the calibration at ``path`` fitted every work kind this version prices."""
+    return set(WORK_KINDS) <= set(json.loads(Path(path).read_text()).get("coefficients", {}))
+
+
 def default_runtime_model(cache=None, calibrate_if_missing: bool = False, progress: bool = True) -> RuntimeModel:
     """This machine's calibration (``cache``, else :func:`cache_path`) if present, else the shipped table.
 
-    With ``calibrate_if_missing`` a missing calibration is measured now (about
-    two minutes, announced on stderr) and cached.
+    With ``calibrate_if_missing`` a missing calibration, or one that predates a
+    work kind this version prices (:func:`is_current`), is measured now (about
+    two minutes, announced on stderr) and cached; without it such a calibration
+    is used with the shipped coefficients for the kinds it lacks.
     """
     path = Path(cache) if cache is not None else cache_path()
-    if path.exists():
+    if path.exists() and (not calibrate_if_missing or is_current(path)):
         return RuntimeModel.load(path)
     if calibrate_if_missing:
         import sys
 
-        print(f"swpfx: no runtime model for this machine ({machine_key()}); calibrating ONNX Runtime now "
+        why = "its calibration predates this version's work kinds" if path.exists() else "no runtime model for it"
+        print(f"swpfx: this machine ({machine_key()}): {why}; calibrating ONNX Runtime now "
               f"(about 2 minutes, cached in {path})", file=sys.stderr)
         return calibrate(cache=path, progress=progress)
     return RuntimeModel()
@@ -322,6 +361,12 @@ DENSE_CALIBRATION_SHAPES = [
     (26, 26, 3, 1, 1, 28),
     (52, 52, 3, 1, 1, 14),
     (52, 52, 3, 1, 1, 7),
+    # few filters (one or two channel blocks), as pruning leaves small nets: ORT's kernel reuses each input load
+    # less (input_loads)
+    (16, 16, 3, 1, 1, 28),
+    (32, 16, 3, 1, 1, 14),
+    (16, 8, 3, 1, 1, 28),
+    (16, 48, 3, 1, 1, 28),
 ]
 
 

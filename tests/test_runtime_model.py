@@ -96,3 +96,33 @@ def test_convs_off_the_nchwc_path_are_priced_as_nchw_macs_and_padded_outputs_as_
     assert model.predict(unaligned) > model.predict(aligned)  # fewer MACs, slower path
     assert model.priced(stem)["conv_macs"] == pytest.approx(stem["conv_macs"] * 32 / 26)  # filters padded to 32
     assert rm.RuntimeModel(block=1).priced(unaligned) == {"conv_macs": unaligned["conv_macs"], "ops": 1}
+
+
+def test_every_gemm_of_a_form_is_recorded_and_few_filters_load_more_per_mac(generator):
+    from swpfx.masks import random_stripe_mask
+    from swpfx.passes.form_work import candidate_work
+    from swpfx.passes.stripe_geometry import ConvGeometry, supported_forms
+
+    geometry = ConvGeometry.of(torch.nn.Conv2d(32, 48, 3, padding=1), (1, 32, 12, 12))
+    mask = random_stripe_mask(48, 3, 3, generator=generator)
+    for key, work in candidate_work(geometry, mask, supported_forms(geometry), align=16).items():
+        assert sum(macs for _, macs in work["gemms"]) == work["conv_macs"], key
+    model = rm.RuntimeModel(block=16)
+
+    def loads_per_mac(filters):
+        work = rm.form_work(ConvGeometry.of(torch.nn.Conv2d(64, filters, 3, padding=1), (1, 64, 14, 14)), None, "dense")
+        return model.priced(work)["input_loads"] / work["conv_macs"]
+
+    assert loads_per_mac(16) == pytest.approx(4 * loads_per_mac(64))
+    assert loads_per_mac(32) == pytest.approx(2 * loads_per_mac(64)) == pytest.approx(2 * loads_per_mac(128))
+
+
+def test_a_calibration_that_lacks_a_work_kind_is_refitted_on_request(tmp_path, monkeypatch, capsys):
+    old = tmp_path / "old.json"
+    rm.RuntimeModel(coefficients={k: 1e-10 for k in WORK_KINDS if k != "input_loads"}).save(old)
+    assert not rm.is_current(old)
+    loaded = rm.default_runtime_model(old)  # used as it is, the missing kind at its shipped price
+    assert loaded.source == str(old) and loaded.coefficients["input_loads"] == rm.DEFAULT_COEFFICIENTS["input_loads"]
+    monkeypatch.setattr(rm, "calibrate", lambda cache, progress=True: rm.RuntimeModel(source="refitted"))
+    assert rm.default_runtime_model(old, calibrate_if_missing=True).source == "refitted"
+    assert "predates" in capsys.readouterr().err
