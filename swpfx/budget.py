@@ -193,6 +193,118 @@ def fewest_units(cost, raw, revived, budget: float, units: int) -> int:
     return count
 
 
+def channel_groups(estimator: ConversionEstimate) -> list[list[list[tuple[str, int]]]]:
+    """The removable channels, grouped by the convs that produce them: per group, per channel, its filters.
+
+    A channel (a class of the channel analysis) is removed only when every filter
+    producing it is pruned, so a group's channels are removed together across
+    its convs (a residual stage's convs form one group). Each filter is
+    ``(conv name, filter index)``; channels that are pinned, or produced by an
+    unprepared conv, are left out.
+    """
+    names = {site.node: site.name for site in estimator.convs if site.name in estimator.full}
+    blocked = estimator.analysis.blocked_classes() | set(estimator.unfoldable)
+    groups: dict[frozenset, list[list[tuple[str, int]]]] = {}
+    for cls, producers in estimator.analysis.producer_elements_by_class().items():
+        if cls in blocked or any(node not in names for node, _ in producers):
+            continue
+        filters = [(names[node], c) for node, c in producers]
+        groups.setdefault(frozenset(n for n, _ in filters), []).append(filters)
+    return list(groups.values())
+
+
+def block_removals(estimator: ConversionEstimate, scores: dict[str, torch.Tensor], start: dict[str, torch.Tensor],
+                   budget: float, block: int) -> list[tuple[dict[str, torch.Tensor], float]]:
+    """Greedy block removal from ``start`` until the predicted seconds are ≤ ``budget``: ``(masks, seconds)`` per step.
+
+    A step prunes the ``block`` least important live filters (or as many as
+    align the live count to ``block``; two blocks if one saves nothing) of one of :func:`channel_groups`' groups —
+    a channel block, across the group's convs; each group keeps one block — or
+    of one conv of a group of several (its filters stop computing; the channels
+    stay, fed by the other convs). Of the steps that reach the budget it takes the one losing least
+    importance, else the one losing least per second saved. Global importance
+    orders prune filters one at a time across layers, so the first count that
+    meets a target can overshoot it by a whole expensive block; this walks the
+    blocks one layer at a time, as a channel pruner with ``round_to`` does.
+    """
+    masks = {n: m.clone() for n, m in start.items()}
+    seconds = estimator.estimate(masks).seconds
+    steps = [(masks, seconds)]
+    units = []  # (per element of the unit, the filters pruned together; the channel group it belongs to)
+    for group in channel_groups(estimator):
+        units.append((group, group))
+        convs = sorted({n for filters in group for n, _ in filters})
+        if len(convs) > 1:
+            units += [([[(n, f) for n, f in filters if n == conv] for filters in group], group) for conv in convs]
+    stale = {}  # unit -> (importance lost, seconds saved) when last evaluated
+    while seconds > budget:
+        if not stale or any(saved >= seconds - budget for _, saved in stale.values()):
+            # near the budget (or at the start): evaluate every unit; prefer the cheapest step that reaches it
+            moves = {i: move for i, unit in enumerate(units)
+                     if (move := _prune_block(estimator, scores, masks, unit, block, seconds))}
+            stale = {i: (loss, seconds - after) for i, (loss, after, _) in moves.items()}
+            reaching = [m for m in moves.values() if m[1] <= budget]
+            if not moves:
+                break
+            best = min(reaching, key=lambda m: m[0]) if reaching else \
+                min(moves.values(), key=lambda m: m[0] / (seconds - m[1]))
+        else:
+            best = _lazy_best(estimator, scores, masks, units, block, seconds, stale)
+            if best is None:
+                break
+        _, seconds, masks = best
+        steps.append((masks, seconds))
+    return steps
+
+
+def _lazy_best(estimator, scores, masks, units, block: int, seconds: float, stale: dict):
+    """The step losing least importance per second saved, re-evaluating units lazily (best stale ratio first).
+
+    A unit's ratio rarely improves when other layers shrink, so once a freshly
+    evaluated unit is at least as good as every other unit's last ratio it is
+    taken (lazy greedy); far from the budget this evaluates a few units per
+    step instead of all.
+    """
+    while stale:
+        i = min(stale, key=lambda k: stale[k][0] / stale[k][1])
+        move = _prune_block(estimator, scores, masks, units[i], block, seconds)
+        if move is None:
+            del stale[i]
+            continue
+        stale[i] = (move[0], seconds - move[1])
+        ratio = move[0] / (seconds - move[1])
+        if all(ratio <= loss / saved for k, (loss, saved) in stale.items() if k != i):
+            return move
+    return None
+
+
+def _prune_block(estimator, scores, masks, unit, block: int, seconds: float):
+    """``(importance lost, seconds, masks)`` after pruning ``unit``'s next block, or None if nothing is saved.
+
+    A channel group keeps one block of live channels (removing the rest would
+    cut the network's path through them); one conv of a coupled group may lose
+    all its filters while the others still produce that block.
+    """
+    elements, group = unit
+    live = [filters for filters in elements if any(bool(masks[n][f].any()) for n, f in filters)]
+    losses = [sum(float((scores[n][f] * masks[n][f]).sum()) for n, f in filters) for filters in live]
+    order = sorted(range(len(live)), key=losses.__getitem__)
+    first = len(live) % block or block
+    for take in (first, first + block):  # a second block when one alone leaves the runtime's channel block
+        if take > len(live):
+            return None
+        moved = {n: m.clone() for n, m in masks.items()}
+        for i in order[:take]:
+            for n, f in live[i]:
+                moved[n][f] = False
+        if sum(any(bool(moved[n][f].any()) for n, f in filters) for filters in group) < min(block, len(group)):
+            return None
+        after = estimator.estimate(moved).seconds
+        if after < seconds:
+            return sum(losses[i] for i in order[:take]), after, moved
+    return None
+
+
 def check_fraction(name: str, value, caller: str = "convert") -> None:
     """Raise a ValueError naming ``caller`` unless ``value`` is a number in (0, 1]."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not 0 < value <= 1:
@@ -247,18 +359,20 @@ def masks_for_flops_target(prepared: fx.GraphModule, flops_target: float, loweri
 def masks_for_latency_target(prepared: fx.GraphModule, latency_target: float, lowering: str, probe: tuple,
                              runtime_model, channel_multiple: int, scope: str = DEFAULT_SCOPE,
                              orders=LATENCY_ORDERS, batch: int = 1, sticky_zeros: bool = True,
-                             mixes: int = DEFAULT_MIXES):
+                             mixes: int = DEFAULT_MIXES, blocks: bool = True):
     """The cut of greatest kept importance whose predicted ORT latency is ≤ ``latency_target`` × dense.
 
     Latency is predicted for runs of ``batch`` samples. For each order of
     ``orders`` the smallest count meeting the target is found by bisection on
-    the runtime model's prediction of the converted graph. Filter removal moves
-    latency in coarse steps (whole channel blocks), so ``mixes`` mixed cuts are
-    tried too: the filter order stopped at ``mixes`` points between dense and the
-    target, the rest of the way in the ``"snapped"`` and ``"stripe"`` orders
-    (``"filter/ms+snapped/ms"``, ...). An order named ``".../ms"`` ranks
-    importance per predicted second (:func:`pruning_order`'s ``stripe_seconds``).
-    The winner keeps the most importance (:func:`kept_importance`). Returns
+    the runtime model's prediction of the converted graph. With ``blocks``,
+    channel blocks are also removed greedily, one layer group at a time
+    (:func:`block_removals`, ``"blocks"``). Filter removal moves latency in
+    coarse steps (whole channel blocks), so ``mixes`` mixed cuts are tried too:
+    block removal (or, without ``blocks``, the filter order) stopped at
+    ``mixes`` points between dense and the target, the rest of the way in the
+    ``"snapped"`` and ``"stripe"`` orders (``"blocks+snapped/ms"``, ...). An
+    order named ``".../ms"`` ranks importance per predicted second
+    (:func:`pruning_order`'s ``stripe_seconds``). The winner keeps the most importance (:func:`kept_importance`). Returns
     ``(masks, report)`` with every order's best result under ``"candidates"``.
     """
     check_fraction("latency_target", latency_target)
@@ -289,9 +403,18 @@ def masks_for_latency_target(prepared: fx.GraphModule, latency_target: float, lo
     prefix_order = "filter/ms" if "filter/ms" in built else "filter"
     rest = [o for o in orders if o.endswith("/ms") and not o.startswith("filter")] or \
         [o for o in orders if not o.startswith("filter")]
-    if prefix_order in built and rest and mixes > 0:
-        stops = sorted({smallest(*cutter(prefix_order), dense * (1 - (1 - latency_target) * j / (mixes + 1)))
-                        for j in range(1, mixes + 1)})
+    stop_budgets = [dense * (1 - (1 - latency_target) * j / (mixes + 1)) for j in range(1, mixes + 1)]
+    if blocks:  # channel blocks removed layer by layer: alone, and as the prefix of the mixes
+        always = next(iter(built.values()))[1]
+        steps = block_removals(estimator, scores, {n: ~a for n, a in always.items()}, budget,
+                               channel_multiple if channel_multiple > 1 else runtime_model.block)
+        searches.append(("blocks", lambda count: steps[min(count, len(steps) - 1)][0], always, len(steps) - 1, None))
+        stops = sorted({next((i for i, (_, s) in enumerate(steps) if s <= limit), len(steps) - 1)
+                        for limit in stop_budgets} - {0}) if rest else []
+        for stop in stops:
+            searches += [(f"blocks+{order}", *cutter(order, steps[stop][0]), stop) for order in rest]
+    elif prefix_order in built and rest and mixes > 0:
+        stops = sorted({smallest(*cutter(prefix_order), limit) for limit in stop_budgets})
         for stop in stops:
             prefix = masks_pruning(*built[prefix_order][:2], stop)
             searches += [(f"{prefix_order}+{order}", *cutter(order, prefix), stop) for order in rest]

@@ -9,8 +9,9 @@ import torch
 import torchvision
 
 import swpfx
-from helpers import BLOCK, RUNTIME_MODEL, masked_reference
-from swpfx.budget import masks_for_latency_target, masks_pruning, pruning_order, snapped_ladders
+from helpers import BLOCK, RUNTIME_MODEL, masked_reference, randomize_batchnorm_
+from swpfx.budget import (block_removals, channel_groups, importance_scores, masks_for_latency_target, masks_pruning,
+                          pruning_order, snapped_ladders)
 from swpfx.convert import convert
 from swpfx.cost import cost
 from swpfx.estimate import ConversionEstimate, predict_graph
@@ -187,3 +188,55 @@ def test_snapped_order_prunes_filters_into_lines_then_centres(prepared_and_input
         for mask in masks_pruning(ranks, always, count).values():
             kept = mask.flatten(1).sum(1)
             assert set(kept.tolist()) <= {0, 1, 3, 9}
+
+
+@pytest.fixture(scope="module")
+def residual_estimate():
+    from swpfx.data import residual_bn_cnn
+
+    g = torch.Generator().manual_seed(1)
+    model = randomize_batchnorm_(residual_bn_cnn(widths=(16, 32, 48)), g).eval()
+    x = torch.randn(8, 1, 28, 28, generator=g)
+    prepared = swpfx.prepare(model, (x[:1],)).eval()
+    uniform_skeletons_(prepared, g)
+    return prepared, ConversionEstimate(prepared, (x[:1],), "auto", BLOCK, RUNTIME_MODEL, batch=8)
+
+
+def test_channel_groups_join_the_convs_a_residual_add_couples(residual_estimate):
+    _, estimator = residual_estimate
+    groups = sorted((sorted({n for filters in g for n, _ in filters}), len(g)) for g in channel_groups(estimator))
+    assert groups == [(["blocks.0.conv1"], 16), (["blocks.0.conv2", "stem.0"], 16), (["blocks.1.conv1"], 32),
+                      (["blocks.1.conv2", "blocks.1.shortcut.0"], 32), (["blocks.2.conv1"], 48),
+                      (["blocks.2.conv2", "blocks.2.shortcut.0"], 48)]
+
+
+def test_block_removals_prune_one_block_of_one_layer_group_per_step(residual_estimate):
+    prepared, estimator = residual_estimate
+    scores = importance_scores(prepared)
+    full = {n: torch.ones_like(s, dtype=torch.bool) for n, s in scores.items()}
+    dense = estimator.estimate(full).seconds
+    steps = block_removals(estimator, scores, full, 0.6 * dense, block=BLOCK)
+    seconds = [s for _, s in steps]
+    assert seconds[0] == dense and seconds[-1] <= 0.6 * dense < seconds[-2]
+    assert all(b < a for a, b in zip(seconds, seconds[1:]))
+    groups = channel_groups(estimator)
+    group_convs = [sorted({n for filters in g for n, _ in filters}) for g in groups]
+    for (before, _), (after, after_seconds) in zip(steps, steps[1:]):
+        lost = {n: int(before[n].flatten(1).any(1).sum() - after[n].flatten(1).any(1).sum()) for n in before}
+        changed = sorted(n for n, k in lost.items() if k)
+        assert len({lost[n] for n in changed}) == 1 and lost[changed[0]] in (BLOCK, 2 * BLOCK), lost
+        assert len(changed) == 1 or changed in group_convs, changed  # one conv, or one whole coupled group
+        assert all(torch.equal(after[n], before[n] & after[n]) for n in before)  # nothing is given back
+        assert estimator.estimate(after).seconds == pytest.approx(after_seconds)
+        for group in groups:  # every group keeps a block of channels that some conv still produces
+            assert sum(any(bool(after[n][f].any()) for n, f in filters) for filters in group) >= BLOCK
+
+
+def test_latency_search_tries_block_removal_and_the_winner_keeps_the_most_importance(resnet_prepared):
+    prepared, x = resnet_prepared
+    _, report = masks_for_latency_target(prepared, 0.5, "auto", (x,), RUNTIME_MODEL, BLOCK)
+    candidates = report["candidates"]
+    assert "blocks" in candidates and any(name.startswith("blocks+") for name in candidates)
+    assert not any(name.startswith("filter/ms+") for name in candidates)  # block removal is the mixes' prefix
+    best = max(c["kept_importance"] for c in candidates.values() if c["meets_target"])
+    assert candidates[report["granularity"]]["kept_importance"] == best
