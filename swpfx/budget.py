@@ -20,8 +20,9 @@ Runtime latency (the runtime model, with the same form choice the lowering
 makes) of the converted graph, without building it. ``flops_target`` bisects on
 the count of the chosen order; ``latency_target`` does so for every order — each
 also with importance counted per predicted second of its layer (``"filter/ms"``,
-...), and filters-then-stripes mixes — and keeps the cut that keeps the most
-importance: it can always fall back to removing filters, so it is never worse
+...) — walks channel blocks down one layer group at a time (``"blocks"``, as a
+channel pruner with ``round_to`` does), tries blocks-then-stripes mixes, and
+keeps the cut that keeps the most importance: it can always fall back to removing filters, so it is never worse
 than filter pruning by that measure. :class:`swpfx.BudgetPruner` trains towards
 the same cut.
 Either way, stripes whose pruning buys nothing — in convs that stay dense, or
@@ -81,6 +82,14 @@ def snapped_ladders(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return step, step_scores
 
 
+def hard_zeros(prepared: fx.GraphModule, sticky_zeros: bool = True) -> dict[str, torch.Tensor]:
+    """Per conv, the stripes that are exactly zero (hard-zeroed in training): every cut prunes them.
+
+    None are, unless ``sticky_zeros``.
+    """
+    return {name: (s.detach() == 0).cpu() & sticky_zeros for name, s in skeletons(prepared).items()}
+
+
 def pruning_order(prepared: fx.GraphModule, granularity: str = "stripe", scope: str = DEFAULT_SCOPE,
                   sticky_zeros: bool = True, stripe_seconds: dict[str, float] | None = None):
     """``(ranks, always, units)``: the order in which a budget prunes, strongest last.
@@ -101,7 +110,7 @@ def pruning_order(prepared: fx.GraphModule, granularity: str = "stripe", scope: 
     scores = importance_scores(prepared, scope)
     if stripe_seconds is not None:
         scores = {n: s / stripe_seconds[n] if stripe_seconds.get(n) else s for n, s in scores.items()}
-    always = {name: (s.detach() == 0).cpu() & sticky_zeros for name, s in skeletons(prepared).items()}
+    always = hard_zeros(prepared, sticky_zeros)
     weight_size = stripe_importance(prepared, rule="skeleton")  # |I| breaks ties of equal importance
     if granularity == "stripe":
         ranks = stripe_ranks(scores, tiebreak=weight_size)
@@ -215,7 +224,7 @@ def channel_groups(estimator: ConversionEstimate) -> list[list[list[tuple[str, i
 
 def block_removals(estimator: ConversionEstimate, scores: dict[str, torch.Tensor], start: dict[str, torch.Tensor],
                    budget: float, block: int) -> list[tuple[dict[str, torch.Tensor], float]]:
-    """Greedy block removal from ``start`` until the predicted seconds are ≤ ``budget``: ``(masks, seconds)`` per step.
+    """Greedy block removal from ``start`` until the predicted seconds are ≤ ``budget``: (masks, seconds) per step.
 
     A step prunes the ``block`` least important live filters (or as many as
     align the live count to ``block``; two blocks if one saves nothing) of one of :func:`channel_groups`' groups —
@@ -372,7 +381,8 @@ def masks_for_latency_target(prepared: fx.GraphModule, latency_target: float, lo
     ``mixes`` points between dense and the target, the rest of the way in the
     ``"snapped"`` and ``"stripe"`` orders (``"blocks+snapped/ms"``, ...). An
     order named ``".../ms"`` ranks importance per predicted second
-    (:func:`pruning_order`'s ``stripe_seconds``). The winner keeps the most importance (:func:`kept_importance`). Returns
+    (:func:`pruning_order`'s ``stripe_seconds``). The winner keeps the most
+    importance (:func:`kept_importance`). Returns
     ``(masks, report)`` with every order's best result under ``"candidates"``.
     """
     check_fraction("latency_target", latency_target)
@@ -405,7 +415,7 @@ def masks_for_latency_target(prepared: fx.GraphModule, latency_target: float, lo
         [o for o in orders if not o.startswith("filter")]
     stop_budgets = [dense * (1 - (1 - latency_target) * j / (mixes + 1)) for j in range(1, mixes + 1)]
     if blocks:  # channel blocks removed layer by layer: alone, and as the prefix of the mixes
-        always = next(iter(built.values()))[1]
+        always = hard_zeros(prepared, sticky_zeros)
         steps = block_removals(estimator, scores, {n: ~a for n, a in always.items()}, budget,
                                channel_multiple if channel_multiple > 1 else runtime_model.block)
         searches.append(("blocks", lambda count: steps[min(count, len(steps) - 1)][0], always, len(steps) - 1, None))
