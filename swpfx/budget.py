@@ -22,8 +22,8 @@ the count of the chosen order; ``latency_target`` does so for every order — ea
 also with importance counted per predicted second of its layer (``"filter/ms"``,
 ...) — walks channel blocks down one layer group at a time (``"blocks"``, as a
 channel pruner with ``round_to`` does), tries blocks-then-stripes mixes, and
-keeps the cut that keeps the most importance: it can always fall back to removing filters, so it is never worse
-than filter pruning by that measure. :class:`swpfx.BudgetPruner` trains towards
+keeps the cut that keeps the most importance: it can always fall back to
+removing filters, so it is never worse than filter pruning by that measure. :class:`swpfx.BudgetPruner` trains towards
 the same cut.
 Either way, stripes whose pruning buys nothing — in convs that stay dense, or
 in pruned filters the graph must keep — are given back
@@ -227,10 +227,11 @@ def block_removals(estimator: ConversionEstimate, scores: dict[str, torch.Tensor
     """Greedy block removal from ``start`` until the predicted seconds are ≤ ``budget``: (masks, seconds) per step.
 
     A step prunes the ``block`` least important live filters (or as many as
-    align the live count to ``block``; two blocks if one saves nothing) of one of :func:`channel_groups`' groups —
-    a channel block, across the group's convs; each group keeps one block — or
-    of one conv of a group of several (its filters stop computing; the channels
-    stay, fed by the other convs). Of the steps that reach the budget it takes the one losing least
+    align the live count to ``block``; two blocks if one saves nothing) of one
+    of :func:`channel_groups`' groups — a channel block, across the group's
+    convs; each group keeps one block — or of one conv of a group of several
+    (its filters stop computing; the channels stay, fed by the other convs).
+    Of the steps that reach the budget it takes the one losing least
     importance, else the one losing least per second saved. Global importance
     orders prune filters one at a time across layers, so the first count that
     meets a target can overshoot it by a whole expensive block; this walks the
@@ -251,10 +252,10 @@ def block_removals(estimator: ConversionEstimate, scores: dict[str, torch.Tensor
             # near the budget (or at the start): evaluate every unit; prefer the cheapest step that reaches it
             moves = {i: move for i, unit in enumerate(units)
                      if (move := _prune_block(estimator, scores, masks, unit, block, seconds))}
-            stale = {i: (loss, seconds - after) for i, (loss, after, _) in moves.items()}
-            reaching = [m for m in moves.values() if m[1] <= budget]
             if not moves:
                 break
+            stale = {i: (loss, seconds - after) for i, (loss, after, _) in moves.items()}
+            reaching = [m for m in moves.values() if m[1] <= budget]
             best = min(reaching, key=lambda m: m[0]) if reaching else \
                 min(moves.values(), key=lambda m: m[0] / (seconds - m[1]))
         else:
@@ -295,19 +296,22 @@ def _prune_block(estimator, scores, masks, unit, block: int, seconds: float):
     all its filters while the others still produce that block.
     """
     elements, group = unit
-    live = [filters for filters in elements if any(bool(masks[n][f].any()) for n, f in filters)]
-    losses = [sum(float((scores[n][f] * masks[n][f]).sum()) for n, f in filters) for filters in live]
+    alive = {n: m.flatten(1).any(1).tolist() for n, m in masks.items()}
+    kept = {n: (scores[n].detach().double().cpu() * m).flatten(1).sum(1).tolist() for n, m in masks.items()}
+    live = [filters for filters in elements if any(alive[n][f] for n, f in filters)]
+    losses = [sum(kept[n][f] for n, f in filters) for filters in live]
     order = sorted(range(len(live)), key=losses.__getitem__)
     first = len(live) % block or block
     for take in (first, first + block):  # a second block when one alone leaves the runtime's channel block
         if take > len(live):
             return None
-        moved = {n: m.clone() for n, m in masks.items()}
-        for i in order[:take]:
-            for n, f in live[i]:
-                moved[n][f] = False
-        if sum(any(bool(moved[n][f].any()) for n, f in filters) for filters in group) < min(block, len(group)):
+        pruned = {pair for i in order[:take] for pair in live[i]}
+        if sum(any(alive[n][f] and (n, f) not in pruned for n, f in filters) for filters in group) < \
+                min(block, len(group)):
             return None
+        moved = {n: m.clone() for n, m in masks.items()}
+        for n, f in pruned:
+            moved[n][f] = False
         after = estimator.estimate(moved).seconds
         if after < seconds:
             return sum(losses[i] for i in order[:take]), after, moved
