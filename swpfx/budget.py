@@ -250,8 +250,9 @@ def block_removals(estimator: ConversionEstimate, scores: dict[str, torch.Tensor
     while seconds > budget:
         if not stale or any(saved >= seconds - budget for _, saved in stale.values()):
             # near the budget (or at the start): evaluate every unit; prefer the cheapest step that reaches it
+            state = _filter_state(scores, masks)
             moves = {i: move for i, unit in enumerate(units)
-                     if (move := _prune_block(estimator, scores, masks, unit, block, seconds))}
+                     if (move := _prune_block(estimator, state, masks, unit, block, seconds))}
             if not moves:
                 break
             stale = {i: (loss, seconds - after) for i, (loss, after, _) in moves.items()}
@@ -275,9 +276,10 @@ def _lazy_best(estimator, scores, masks, units, block: int, seconds: float, stal
     taken (lazy greedy); far from the budget this evaluates a few units per
     step instead of all.
     """
+    state = _filter_state(scores, masks)
     while stale:
         i = min(stale, key=lambda k: stale[k][0] / stale[k][1])
-        move = _prune_block(estimator, scores, masks, units[i], block, seconds)
+        move = _prune_block(estimator, state, masks, units[i], block, seconds)
         if move is None:
             del stale[i]
             continue
@@ -288,7 +290,14 @@ def _lazy_best(estimator, scores, masks, units, block: int, seconds: float, stal
     return None
 
 
-def _prune_block(estimator, scores, masks, unit, block: int, seconds: float):
+def _filter_state(scores, masks) -> tuple[dict, dict]:
+    """Per conv, as lists over its filters: whether each is live, and the importance of its kept stripes."""
+    alive = {n: m.flatten(1).any(1).tolist() for n, m in masks.items()}
+    kept = {n: (scores[n].detach().double().cpu() * m).flatten(1).sum(1).tolist() for n, m in masks.items()}
+    return alive, kept
+
+
+def _prune_block(estimator, state, masks, unit, block: int, seconds: float):
     """``(importance lost, seconds, masks)`` after pruning ``unit``'s next block, or None if nothing is saved.
 
     A channel group keeps one block of live channels (removing the rest would
@@ -296,8 +305,7 @@ def _prune_block(estimator, scores, masks, unit, block: int, seconds: float):
     all its filters while the others still produce that block.
     """
     elements, group = unit
-    alive = {n: m.flatten(1).any(1).tolist() for n, m in masks.items()}
-    kept = {n: (scores[n].detach().double().cpu() * m).flatten(1).sum(1).tolist() for n, m in masks.items()}
+    alive, kept = state
     live = [filters for filters in elements if any(alive[n][f] for n, f in filters)]
     losses = [sum(kept[n][f] for n, f in filters) for filters in live]
     order = sorted(range(len(live)), key=losses.__getitem__)
