@@ -21,8 +21,10 @@ from pathlib import Path
 
 import torch
 
+# block-aligned; off the block but multiples of 4 (ORT 1.32 pads them); what Torch-Pruning without round_to left
+# in benchmarks/accuracy_latency.py (odd counts: ORT's NCHW path, and stems of fewer channels than one block)
 WIDTHS = [(16, 32, 64), (16, 32, 48), (16, 16, 32), (16, 16, 16), (32, 32, 32), (16, 48, 64), (8, 16, 32),
-          (24, 40, 56)]
+          (24, 40, 56), (11, 23, 47), (8, 17, 35), (6, 13, 27)]
 
 
 def measure(widths: list[tuple], batch: int, threads: int, rounds: int, blocks: int) -> dict[tuple, float]:

@@ -3,8 +3,8 @@
 :func:`torch_pruning_prune` is Torch-Pruning's ``MetaPruner`` with group L2
 magnitude importance, the classifier (the last ``nn.Linear``) left alone, and
 ``round_to`` as given — the runtime's channel block is its best setting on ONNX
-Runtime (channel counts off the block leave ORT's fast conv path,
-:func:`swpfx.runtime_model.runs_nchwc`). :func:`predicted_ratio` prices any
+Runtime (ORT computes channel counts off the block padded up to it, and odd
+counts leave its fast conv path, :func:`swpfx.runtime_model.runs_nchwc`). :func:`predicted_ratio` prices any
 pruned model with the runtime model the way :mod:`swpfx.estimate` prices
 swpfx's graphs, and :func:`mildest_meeting` finds the mildest pruning knob whose
 predicted latency meets a target. Torch-Pruning is an optional dependency

@@ -31,13 +31,15 @@ shared with ``benchmarks/``.
 
 Fitting the coefficients (non-negative least squares on relative error):
     >>> rows = [({"conv_macs": m, "ops": n}, 1e-11 * m + 5e-6 * n) for m, n in ((1e8, 1), (3e8, 4), (5e7, 9))]
-    >>> {k: round(c, 15) for k, c in fit_coefficients(rows).items() if c}
-    {'conv_macs': 1e-11, 'ops': 5e-06}
+    >>> fitted = fit_coefficients(rows)   # kinds no row has keep the shipped coefficient
+    >>> round(fitted["conv_macs"], 15), round(fitted["ops"], 15), fitted["nchw_macs"] == DEFAULT_COEFFICIENTS["nchw_macs"]
+    (1e-11, 5e-06, True)
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import json
 import os
@@ -114,30 +116,90 @@ def channel_block(flags: set[str] | None = None) -> int:
     return 1
 
 
-def runs_nchwc(in_channels: int, out_channels: int, groups: int, block: int) -> bool:
+def runs_nchwc(in_channels: int, out_channels: int, groups: int, block: int, multiple: int | None = None) -> bool:
     """Whether ONNX Runtime's NCHWc transformer puts this conv on its channel-blocked path (else plain NCHW).
 
-    The rule of ORT's ``NchwcTransformer``: an ungrouped conv needs its input
-    channels to be a multiple of the block, or fewer than one block (a stem
-    reading the image); its output channels are padded up. A grouped conv needs
-    a block multiple of output channels and is either depthwise or has block
-    multiples of channels per group. Off that path ORT runs im2col and a GEMM,
-    several times slower per MAC, and reorders tensors at the layout boundaries.
+    ``multiple`` is the channel multiple the path accepts, padding the rest of
+    the block with zeros (:func:`nchwc_channel_multiple`: 4 in ORT 1.32, which pads;
+    the block itself, the default, in older versions). An ungrouped conv needs its
+    input channels to be a ``multiple`` — or fewer than one block (a stem
+    reading the image, on its NCHW-input kernel); its output channels are
+    padded up. A depthwise conv needs a ``multiple`` of channels; another
+    grouped conv block multiples of output channels and of channels per group.
+    Off that path ORT runs im2col and a GEMM, several times slower per MAC, and
+    reorders tensors at the layout boundaries.
 
     >>> runs_nchwc(64, 40, 1, 16), runs_nchwc(40, 64, 1, 16), runs_nchwc(3, 64, 1, 16), runs_nchwc(40, 64, 1, 8)
     (True, False, True, True)
+    >>> runs_nchwc(40, 64, 1, 16, multiple=4), runs_nchwc(42, 64, 1, 16, multiple=4), runs_nchwc(40, 40, 40, 16, 4)
+    (True, False, True)
     >>> runs_nchwc(48, 48, 48, 16), runs_nchwc(40, 40, 40, 16), runs_nchwc(64, 64, 2, 16), runs_nchwc(64, 64, 8, 16)
     (True, False, True, False)
     """
     if block <= 1:
         return True
+    multiple = block if multiple is None else multiple
     if groups == 1:
-        return in_channels < block or in_channels % block == 0
+        return in_channels < block or in_channels % multiple == 0
+    if in_channels == groups and out_channels == groups:  # depthwise
+        return out_channels % multiple == 0
     if out_channels % block:
         return False
-    if in_channels == groups and out_channels == groups:  # depthwise
-        return True
     return (in_channels // groups) % block == 0 and (out_channels // groups) % block == 0
+
+
+def padding_factor(channels: int, block: int) -> float:
+    """Channels ORT's NCHWc path computes per real one: ``channels`` rounded up to the block.
+
+    >>> padding_factor(40, 16), padding_factor(48, 16), padding_factor(3, 16)
+    (1.2, 1.0, 5.333333333333333)
+    """
+    return -(-channels // block) * block / channels if block > 1 else 1.0
+
+
+@functools.lru_cache(maxsize=None)
+def nchwc_channel_multiple(block: int | None = None) -> int:
+    """The channel multiple on which this ONNX Runtime keeps a conv on its NCHWc path (padding to the block).
+
+    Found by asking ORT's optimiser (a tiny one-conv model, no timing) for an
+    ungrouped conv with ``block + m`` input channels, m = 1, 2, 4, …: the first m
+    it accepts; the block itself if it accepts none (ORT before padding input
+    channels). 1 without a channel block.
+
+    >>> nchwc_channel_multiple(1)
+    1
+    """
+    block = channel_block() if block is None else block
+    if block <= 1:
+        return 1
+    multiple = 1
+    while multiple < block and not _ort_blocks_conv(block + multiple, block):
+        multiple *= 2
+    return multiple
+
+
+def _ort_blocks_conv(in_channels: int, out_channels: int, groups: int = 1) -> bool:
+    """Whether ORT's optimised graph of one 3×3 conv runs it as an NCHWc conv."""
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.zeros((out_channels, in_channels // groups, 3, 3), np.float32), "w")
+    conv = helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1], group=groups)
+    graph = helper.make_graph([conv], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, in_channels, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, out_channels, 8, 8])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with tempfile.TemporaryDirectory() as directory:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.optimized_model_filepath = os.path.join(directory, "optimized.onnx")
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        nodes = onnx.load(options.optimized_model_filepath).graph.node
+    return any(n.op_type == "Conv" and n.domain.endswith("nchwc") for n in nodes)
 
 
 def leaves_blocked_layout(output, block: int) -> bool:
@@ -240,18 +302,27 @@ class RuntimeModel:
     source: str = "shipped default"
     machine: str = ""
     block: int = field(default_factory=lambda: channel_block())
+    nchwc_multiple: int | None = None  # the channel multiple ORT's NCHWc path takes; None: ask this ORT
+
+    def __post_init__(self):
+        if self.nchwc_multiple is None:
+            self.nchwc_multiple = nchwc_channel_multiple(self.block)
 
     def priced(self, work: dict) -> dict:
         """``work``'s amounts by the kinds this model prices: GEMM MACs off the NCHWc path become ``nchw_macs``,
-        an output that leaves the blocked layout ``reorder_elems``, GEMM-like convs on it also ``input_loads``.
+        an output that leaves the blocked layout ``reorder_elems``, GEMM-like convs on it also ``input_loads``;
+        on the NCHWc path MACs and loads count the channels padded to the block.
 
-        >>> RuntimeModel(block=16).priced({"conv_macs": 100, "ops": 1, "layout": (40, 64, 1)})
+        >>> old = RuntimeModel(block=16, nchwc_multiple=16)  # older ORT: input channels a block multiple
+        >>> old.priced({"conv_macs": 100, "ops": 1, "layout": (40, 64, 1)})
         {'ops': 1, 'nchw_macs': 100}
-        >>> RuntimeModel(block=16).priced({"conv_macs": 100, "ops": 1, "layout": (64, 40, 1)})  # 48 filters computed
+        >>> old.priced({"conv_macs": 100, "ops": 1, "layout": (64, 40, 1)})  # 48 filters computed
         {'conv_macs': 120.0, 'ops': 1}
-        >>> RuntimeModel(block=16).priced({"conv_macs": 100, "layout": (64, 64, 1), "output": ((40, 24), 50)})
+        >>> RuntimeModel(block=16, nchwc_multiple=4).priced({"conv_macs": 100, "ops": 1, "layout": (40, 64, 1)})
+        {'conv_macs': 120.0, 'ops': 1}
+        >>> old.priced({"conv_macs": 100, "layout": (64, 64, 1), "output": ((40, 24), 50)})
         {'conv_macs': 100, 'reorder_elems': 100}
-        >>> RuntimeModel(block=16).priced({"conv_macs": 640, "layout": (64, 64, 1), "gemms": ((16, 320), (16, 320))})
+        >>> old.priced({"conv_macs": 640, "layout": (64, 64, 1), "gemms": ((16, 320), (16, 320))})
         {'conv_macs': 640, 'input_loads': 40.0}
         """
         amounts = {k: v for k, v in work.items() if k not in NOT_AMOUNTS}
@@ -260,13 +331,17 @@ class RuntimeModel:
         shape = work.get("layout")
         if shape is None or "conv_macs" not in amounts:
             return amounts
-        if not runs_nchwc(*shape, self.block):
+        if not runs_nchwc(*shape, self.block, self.nchwc_multiple):
             amounts["nchw_macs"] = amounts.pop("conv_macs") + amounts.get("nchw_macs", 0)
             return amounts
+        in_channels, out_channels, groups = shape
+        # ORT pads the channels to a block multiple and computes the padding too (a stem reads its input unpadded)
+        in_padding = padding_factor(in_channels, self.block) if groups == 1 and in_channels >= self.block else 1.0
+        out_padding = padding_factor(out_channels, self.block)
         if work.get("gemms") and self.block > 1:
-            amounts["input_loads"] = input_loads(work["gemms"], self.block)
-        if shape[1] % self.block:  # ORT pads the filters to a block multiple and computes the padding too
-            amounts["conv_macs"] = amounts["conv_macs"] * -(-shape[1] // self.block) * self.block / shape[1]
+            amounts["input_loads"] = input_loads(work["gemms"], self.block) * in_padding
+        if in_padding * out_padding != 1.0:
+            amounts["conv_macs"] = amounts["conv_macs"] * in_padding * out_padding
         return amounts
 
     def predict(self, work: dict, batch: int = 1) -> float:
@@ -301,18 +376,24 @@ class RuntimeModel:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"coefficients": self.coefficients, "margin": self.margin,
-                                    "machine": self.machine, "block": self.block}, indent=1))
+                                    "machine": self.machine, "block": self.block,
+                                    "nchwc_multiple": self.nchwc_multiple}, indent=1))
 
     @classmethod
     def load(cls, path) -> RuntimeModel:
         data = json.loads(Path(path).read_text())
         return cls(coefficients={**DEFAULT_COEFFICIENTS, **data["coefficients"]}, margin=data.get("margin", 0.85),
-                   source=str(path), machine=data.get("machine", ""), block=data.get("block", channel_block()))
+                   source=str(path), machine=data.get("machine", ""), block=data.get("block", channel_block()),
+                   nchwc_multiple=data.get("nchwc_multiple"))
 
 
 def is_current(path) -> bool:
-    """Whether the calibration at ``path`` fitted every work kind this version prices."""
-    return set(WORK_KINDS) <= set(json.loads(Path(path).read_text()).get("coefficients", {}))
+    """Whether the calibration at ``path`` fitted every work kind this version prices, under this ORT's
+    NCHWc channel rule (:func:`nchwc_channel_multiple`; calibrations that predate it classified convs by the old one)."""
+    data = json.loads(Path(path).read_text())
+    block = data.get("block", channel_block())
+    return set(WORK_KINDS) <= set(data.get("coefficients", {})) and \
+        data.get("nchwc_multiple") == nchwc_channel_multiple(block)
 
 
 def default_runtime_model(cache=None, calibrate_if_missing: bool = False, progress: bool = True) -> RuntimeModel:
@@ -352,15 +433,16 @@ CALIBRATION_SHAPES = [
 # predicts ResNet-18's lowered graphs worse (measured 0.56-0.67 of dense at a predicted 0.5, against 0.51-0.54).
 DENSE_CALIBRATION_SHAPES = [
     # channel counts that are no multiple of 8 or 16, as a channel pruner leaves them: ORT's NCHW path (nchw_macs)
-    (60, 60, 3, 1, 1, 56),
+    # when they are no multiple of 4 either, else (ORT 1.32) its NCHWc path with the channels padded to the block
+    (58, 58, 3, 1, 1, 56),
     (100, 100, 3, 1, 1, 28),
-    (196, 196, 3, 1, 1, 14),
+    (194, 194, 3, 1, 1, 14),
     # small nets (the demo's widths at 28², 14², 7²), aligned and not
     (32, 32, 3, 1, 1, 28),
     (64, 64, 3, 1, 1, 14),
     (26, 26, 3, 1, 1, 28),
     (52, 52, 3, 1, 1, 14),
-    (52, 52, 3, 1, 1, 7),
+    (50, 50, 3, 1, 1, 7),
     # few filters (one or two channel blocks), as pruning leaves small nets: ORT's kernel reuses each input load
     # less (input_loads)
     (16, 16, 3, 1, 1, 28),
@@ -447,13 +529,18 @@ def measure_candidates(gm, x, candidates, rounds: int = 50, threads: int = 2, co
 
 
 def fit_coefficients(rows: list[tuple[dict, float]]) -> dict:
-    """Non-negative least squares on relative error: Σ_k c_k·work_k ≈ t for (work, t) rows."""
+    """Non-negative least squares on relative error: Σ_k c_k·work_k ≈ t for (work, t) rows.
+
+    A kind no row has (e.g. ``nchw_macs`` where every calibration conv ran blocked) keeps its shipped coefficient.
+    """
     a = np.array([[row.get(k, 0) / t for k in WORK_KINDS] for row, t in rows], dtype=float)
     b = np.ones(len(rows))
     scale = a.max(axis=0)
-    scale[scale == 0] = 1.0
+    absent = scale == 0
+    scale[absent] = 1.0
     coef, _ = nnls(a / scale, b)
-    return {k: float(c / s) for k, c, s in zip(WORK_KINDS, coef, scale)}
+    return {k: DEFAULT_COEFFICIENTS[k] if missing else float(c / s)
+            for k, c, s, missing in zip(WORK_KINDS, coef, scale, absent)}
 
 
 CALIBRATION_BATCH = 32
@@ -521,7 +608,7 @@ def calibrate(cache="default", shapes=CALIBRATION_SHAPES, rounds: int = 20, seed
         # the dense conv at a batch too: ORT's NCHW path falls behind there
         rows.append(_dense_row_at_batch(gm, x, pricing.priced(work[("dense", ())]), rounds, threads, generator))
     model = RuntimeModel(coefficients=fit_coefficients(rows), source="calibrated", machine=machine_key(),
-                         block=pricing.block)
+                         block=pricing.block, nchwc_multiple=pricing.nchwc_multiple)
     if cache is not None:
         path = cache_path() if cache == "default" else Path(cache)
         model.save(path)

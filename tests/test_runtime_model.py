@@ -87,15 +87,52 @@ def test_convs_off_the_nchwc_path_are_priced_as_nchw_macs_and_padded_outputs_as_
     from swpfx.passes.form_work import dense_work
     from swpfx.passes.stripe_geometry import ConvGeometry
 
-    model = rm.RuntimeModel(coefficients={**rm.DEFAULT_COEFFICIENTS, "conv_macs": 1e-11, "nchw_macs": 3e-11, "ops": 0},
-                            block=16)
-    aligned = dense_work(ConvGeometry.of(nn.Conv2d(32, 32, 3, padding=1), (1, 32, 14, 14)))
-    unaligned = dense_work(ConvGeometry.of(nn.Conv2d(26, 26, 3, padding=1), (1, 26, 14, 14)))
-    stem = dense_work(ConvGeometry.of(nn.Conv2d(3, 26, 3, padding=1), (1, 3, 14, 14)))  # < one block: NCHWc
-    assert model.priced(unaligned) == {"nchw_macs": unaligned["conv_macs"], "ops": 1}
-    assert model.predict(unaligned) > model.predict(aligned)  # fewer MACs, slower path
-    assert model.priced(stem)["conv_macs"] == pytest.approx(stem["conv_macs"] * 32 / 26)  # filters padded to 32
+    def model(multiple):
+        coefficients = {**rm.DEFAULT_COEFFICIENTS, "conv_macs": 1e-11, "nchw_macs": 3e-11, "ops": 0}
+        return rm.RuntimeModel(coefficients=coefficients, block=16, nchwc_multiple=multiple)
+
+    def work(c_in, c_out):
+        return dense_work(ConvGeometry.of(nn.Conv2d(c_in, c_out, 3, padding=1), (1, c_in, 14, 14)))
+
+    aligned, unaligned, stem = work(32, 32), work(26, 26), work(3, 26)  # stem: < one block, NCHWc
+    for multiple in (16, 4, 2):  # old ORT (block multiples only), ORT 1.32 (pads multiples of 4), a finer one
+        assert model(multiple).priced(stem)["conv_macs"] == pytest.approx(stem["conv_macs"] * 32 / 26)
+    for multiple in (16, 4):
+        assert model(multiple).priced(unaligned) == {"nchw_macs": unaligned["conv_macs"], "ops": 1}
+        assert model(multiple).predict(unaligned) > model(multiple).predict(aligned)  # fewer MACs, slower path
+    padded = model(2).priced(unaligned)  # blocked, both channel counts padded to 32
+    assert padded["conv_macs"] == pytest.approx(unaligned["conv_macs"] * (32 / 26) ** 2)
+    assert padded["input_loads"] == pytest.approx(rm.input_loads(unaligned["gemms"], 16) * 32 / 26)
+    assert model(4).priced(work(24, 24))["conv_macs"] == pytest.approx(work(24, 24)["conv_macs"] * (32 / 24) ** 2)
+    assert model(16).priced(work(24, 24)) == {"nchw_macs": work(24, 24)["conv_macs"], "ops": 1}
     assert rm.RuntimeModel(block=1).priced(unaligned) == {"conv_macs": unaligned["conv_macs"], "ops": 1}
+
+
+@pytest.mark.skipif(rm.channel_block() <= 1, reason="ORT has no NCHWc path on a CPU without AVX2")
+def test_the_nchwc_rule_is_what_this_onnx_runtime_does():
+    """runs_nchwc with the detected channel multiple agrees with ORT's optimiser on ungrouped, depthwise and grouped
+    convs, aligned and not (ORT 1.32 pads input channels that are multiples of 4; older versions did not)."""
+    block, multiple = rm.channel_block(), rm.nchwc_channel_multiple()
+    assert multiple in (1, 2, 4, 8, 16) and multiple <= block
+    half = block // 2
+    shapes = [(block, block, 1), (block + 4, block + 4, 1), (block + 3, 2 * block, 1), (3, block + 4, 1),
+              (half, block, 1), (3 * block, block + 1, 1), (block + 4, block + 4, block + 4),
+              (block + 2, block + 2, block + 2), (2 * block, 2 * block, 2), (3 * half, 3 * half, 2),
+              (4 * block, 4 * block, 4)]
+    for c_in, c_out, groups in shapes:
+        assert rm.runs_nchwc(c_in, c_out, groups, block, multiple) == rm._ort_blocks_conv(c_in, c_out, groups), \
+            (c_in, c_out, groups, multiple)
+
+
+def test_a_calibration_made_under_another_nchwc_rule_is_stale(tmp_path):
+    model = rm.RuntimeModel(block=16, nchwc_multiple=4)
+    model.save(tmp_path / "now.json")
+    assert rm.RuntimeModel.load(tmp_path / "now.json").nchwc_multiple == 4
+    data = json.loads((tmp_path / "now.json").read_text())
+    del data["nchwc_multiple"]  # written before the rule was recorded
+    (tmp_path / "before.json").write_text(json.dumps(data))
+    assert not rm.is_current(tmp_path / "before.json")
+    assert rm.is_current(tmp_path / "now.json") == (rm.nchwc_channel_multiple(16) == 4)
 
 
 def test_every_gemm_of_a_form_is_recorded_and_few_filters_load_more_per_mac(generator):
