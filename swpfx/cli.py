@@ -319,19 +319,20 @@ def cmd_calibrate(args) -> int:
 
     from tabulate import tabulate
 
-    from swpfx.runtime_model import (CALIBRATION_SHAPES, DENSE_CALIBRATION_SHAPES, cache_path, calibrate,
-                                     channel_block, machine_key)
+    from swpfx.runtime_model import (CALIBRATION_SHAPES, DENSE_CALIBRATION_SHAPES, ELEMENTWISE_CALIBRATION,
+                                     cache_path, calibrate, channel_block, machine_key)
 
     path = args.out or cache_path()
     shapes = CALIBRATION_SHAPES[::3] if args.quick else CALIBRATION_SHAPES
     dense_shapes = DENSE_CALIBRATION_SHAPES[::4] if args.quick else DENSE_CALIBRATION_SHAPES
+    chains = ELEMENTWISE_CALIBRATION[::2] if args.quick else ELEMENTWISE_CALIBRATION
     print(f"machine: {machine_key()}  (NCHWc channel block {channel_block()})")
     start = time.perf_counter()
     model = calibrate(cache=path, shapes=shapes, rounds=args.rounds, threads=args.threads,
-                      progress=not args.no_progress, dense_shapes=dense_shapes)
+                      progress=not args.no_progress, dense_shapes=dense_shapes, elementwise=chains)
     print(tabulate([[k, f"{v:.3e}"] for k, v in model.coefficients.items()], headers=["work", "seconds per unit"]))
-    print(f"fitted on {len(shapes)} conv shapes × 2 mask protocols and {len(dense_shapes)} dense-only shapes in "
-          f"{time.perf_counter() - start:.0f} s; saved to {path}")
+    print(f"fitted on {len(shapes)} conv shapes × 2 mask protocols, {len(dense_shapes)} dense-only shapes and "
+          f"{len(chains)} chains of elementwise ops in {time.perf_counter() - start:.0f} s; saved to {path}")
     return 0
 
 

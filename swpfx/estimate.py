@@ -43,15 +43,20 @@ from swpfx.passes.remove_channels import (constant_sources, dense_input_weight, 
                                           plan_removal)
 from swpfx.passes.stripe_geometry import ConvGeometry, supported_forms
 from swpfx.prepare import skeletons
+from swpfx.runtime_model import ONE_RUN
 
 COMPUTE = ("call_module", "call_function", "call_method")
 FORMS_TAKING_FOLLOWERS = ("dense", "boxes", "onehot")  # shift leaves BatchNorm/ReLU after its sums
 
 
 def node_work(node: fx.Node) -> dict:
-    """Work of a graph op other than a conv or Linear: one op writing its output (0 elements if not a tensor)."""
+    """Work of a graph op other than a conv or Linear: one op writing its output (0 elements if not a tensor).
+
+    Its own kinds (``graph_ops``, ``graph_elems``), not a lowered form's ``ops`` and ``copy_elems``: a residual
+    add or a reshape costs ORT a few microseconds, a lowered form's extra op far more (calibrated apart).
+    """
     meta = node.meta.get("tensor_meta")
-    return {"copy_elems": math.prod(meta.shape) if hasattr(meta, "shape") else 0, "ops": 1}
+    return {"graph_elems": math.prod(meta.shape) if hasattr(meta, "shape") else 0, "graph_ops": 1}
 
 
 def fused_followers(gm: fx.GraphModule, convs) -> set[fx.Node]:
@@ -65,7 +70,8 @@ def predict_graph(gm: fx.GraphModule, runtime_model, batch: int | None = None) -
 
     Each lowered conv is priced by the work its lowering recorded, every other
     conv by its dense work, a Linear by its MACs, any other op by
-    :func:`node_work`; BatchNorm/ReLU fused into a dense conv cost nothing.
+    :func:`node_work`; BatchNorm/ReLU fused into a dense conv cost nothing; the
+    session run itself once (``runtime_model.ONE_RUN``).
     :class:`ConversionEstimate` predicts the same number before building.
     """
     dense_convs = [n for n in gm.graph.nodes if n.op == "call_module" and swpfx_meta(n).get("role") != "lowered_conv"
@@ -75,7 +81,7 @@ def predict_graph(gm: fx.GraphModule, runtime_model, batch: int | None = None) -
     recorded = _batch(placeholder) if placeholder is not None else 1
     batch = recorded if batch is None else batch
     scale = batch / recorded
-    seconds, lowered = 0.0, set()
+    seconds, lowered = runtime_model.predict(ONE_RUN), set()
     for node in gm.graph.nodes:
         if node.op not in COMPUTE or node in fused:
             continue
@@ -243,7 +249,7 @@ class ConversionEstimate:
                 site.position_dependent = bool(chain) or has_zero_padding(site.module)
                 # the ones map: base[:, :1] (a slice), ones_like, then the chain's ops, one channel each
                 spatial = [math.prod(n.meta["tensor_meta"].shape[2:]) for n in (base, base, *chain)]
-                site.ones_map_work = {"copy_elems": sum(spatial), "ops": len(spatial)}
+                site.ones_map_work = {"graph_elems": sum(spatial), "graph_ops": len(spatial)}
 
     # ------------------------------------------------------------ estimate
 
@@ -261,7 +267,7 @@ class ConversionEstimate:
 
     def estimate(self, masks: dict[str, torch.Tensor]) -> Estimate:
         keep = self.keep(masks)
-        result = Estimate(0, 0.0)
+        result = Estimate(0, self.runtime_model.predict(ONE_RUN) if self.runtime_model is not None else 0.0)
         for site in self.convs:
             self._add_conv(result, site, masks, keep)
         for node, linear in self.linears:
@@ -292,7 +298,7 @@ class ConversionEstimate:
         work = node_work(node)
         info = self.analysis.channels.get(node)
         if node in keep and info is not None and info.width:
-            work["copy_elems"] = work["copy_elems"] // info.width * len(keep[node])
+            work["graph_elems"] = work["graph_elems"] // info.width * len(keep[node])
         return work
 
     def _add_conv(self, result: Estimate, site: _ConvSite, masks, keep) -> None:
@@ -351,7 +357,7 @@ class ConversionEstimate:
                             geometry.pads, 1, geometry.input_hw)
         work = dense_work(ones)
         ho, wo = ones.output_hw
-        add = {"copy_elems": site.batch * geometry.out_channels * ho * wo, "ops": 1}  # conv + ones-map conv
-        ones_map = {k: v * (site.batch if k == "copy_elems" else 1) for k, v in site.ones_map_work.items()}
+        add = {"graph_elems": site.batch * geometry.out_channels * ho * wo, "graph_ops": 1}  # conv + ones-map conv
+        ones_map = {k: v * (site.batch if k == "graph_elems" else 1) for k, v in site.ones_map_work.items()}
         seconds = self._per_sample(work) + self._per_probe(add) + self._per_probe(ones_map)
         return 2 * site.batch * executed_macs(work), seconds

@@ -86,6 +86,10 @@ DEFAULT_COEFFICIENTS = {
     "ops": 7.96e-6,
     "reorder_elems": 2.66e-10,  # not fitted on that machine; one copy per element, as copy_elems
     "input_loads": 1.6e-10,  # not fitted on that machine; from 3×3 convs at 28² with 8 to 64 filters on AVX2
+    # not fitted on that machine; measured on an AVX-512 EPYC: one session run from Python, and an elementwise op
+    "runs": 5e-6,
+    "graph_ops": 2e-6,
+    "graph_elems": 1.1e-10,
 }
 
 
@@ -221,9 +225,12 @@ def leaves_blocked_layout(output, block: int) -> bool:
 
 
 # the runtime model's work kinds: the forms' (form_work.WORK_KINDS), conv MACs ORT runs off its NCHWc path,
-# output elements reordered out of the NCHWc layout and back (counted twice), and the input vectors ORT's
-# blocked conv kernel loads (:func:`input_loads`)
-WORK_KINDS = (*FORM_WORK_KINDS, "nchw_macs", "reorder_elems", "input_loads")
+# output elements reordered out of the NCHWc layout and back (counted twice), the input vectors ORT's
+# blocked conv kernel loads (:func:`input_loads`), the graph's other ops and the elements they write
+# (:func:`swpfx.estimate.node_work`), and the session run itself (one per graph: :data:`ONE_RUN`)
+WORK_KINDS = (*FORM_WORK_KINDS, "nchw_macs", "reorder_elems", "input_loads", "graph_ops", "graph_elems", "runs")
+PER_RUN_KINDS = ("ops", "graph_ops", "runs")  # counted once per run, whatever the batch
+ONE_RUN = {"runs": 1}  # what a whole graph adds to its ops' work: calling the session
 NOT_AMOUNTS = ("layout", "output", "gemms")  # entries of a form's work that say how ORT lays it out
 FILTER_BLOCKS_PER_LOAD = 4  # MLAS's NCHWc conv kernels compute up to 4 filter blocks per pass over the input
 
@@ -345,7 +352,7 @@ class RuntimeModel:
         return amounts
 
     def predict(self, work: dict, batch: int = 1) -> float:
-        return sum(self.coefficients[k] * v * (1 if k == "ops" else batch) for k, v in self.priced(work).items())
+        return sum(self.coefficients[k] * v * (1 if k in PER_RUN_KINDS else batch) for k, v in self.priced(work).items())
 
     def pays(self, lowered: float, dense: float) -> bool:
         return lowered < self.margin * dense
@@ -562,23 +569,56 @@ def _added(work: dict, other: dict) -> dict:
     return {k: work.get(k, 0) + other.get(k, 0) for k in {*work, *other}}
 
 
+# (channels, size, ops): chains of elementwise adds, at batch 1 and CALIBRATION_BATCH, so that a graph op's fixed
+# cost (``graph_ops``), the run's (``runs``) and the elements it writes (``graph_elems``) are told apart: a net's
+# many small ops (residual adds, unfused activations, reshapes) cost a few microseconds each
+ELEMENTWISE_CALIBRATION = [(16, 28, 1), (16, 28, 8), (64, 56, 1), (64, 56, 8), (256, 14, 4)]
+
+
+class _AddChain(nn.Module):
+    """``ops`` elementwise adds of a per-channel constant, one after the other."""
+
+    def __init__(self, channels: int, ops: int):
+        super().__init__()
+        self.shifts = nn.Parameter(torch.randn(ops, 1, channels, 1, 1), requires_grad=False)
+
+    def forward(self, x):
+        for shift in self.shifts:
+            x = x + shift
+        return x
+
+
+def _elementwise_rows(chains, rounds: int, threads: int, generator) -> list[tuple[dict, float]]:
+    rows = []
+    for channels, size, ops in chains:
+        for batch in (1, CALIBRATION_BATCH):
+            x = torch.randn(batch, channels, size, size, generator=generator)
+            (session,) = exported_sessions([_AddChain(channels, ops).eval()], x, threads)
+            seconds = time_sessions({"adds": session}, x, rounds=rounds, blocks=3)["adds"]
+            rows.append(({"graph_elems": ops * x.numel(), "graph_ops": ops, **ONE_RUN}, seconds))
+    return rows
+
+
 def _dense_row_at_batch(gm, x, work: dict, rounds: int, threads: int, generator) -> tuple[dict, float]:
     """(work of the dense conv at ``CALIBRATION_BATCH`` samples, its measured seconds)."""
     xb = torch.randn(CALIBRATION_BATCH, *x.shape[1:], generator=generator)
     (session,) = exported_sessions([gm], xb, threads)
     seconds = time_sessions({"dense": session}, xb, rounds=rounds, blocks=3)["dense"]
-    return {k: v * (1 if k == "ops" else CALIBRATION_BATCH) for k, v in work.items()}, seconds
+    return {k: v * (1 if k in PER_RUN_KINDS else CALIBRATION_BATCH) for k, v in work.items()}, seconds
 
 
 def calibrate(cache="default", shapes=CALIBRATION_SHAPES, rounds: int = 20, seed: int = 0,
-              threads: int = 2, progress: bool = True, dense_shapes=DENSE_CALIBRATION_SHAPES) -> RuntimeModel:
+              threads: int = 2, progress: bool = True, dense_shapes=DENSE_CALIBRATION_SHAPES,
+              elementwise=ELEMENTWISE_CALIBRATION) -> RuntimeModel:
     """Time dense and every lowering on representative conv shapes in ORT, fit a RuntimeModel, cache it.
 
     Each of ``shapes`` is tried with both mask protocols of ``swpfx.masks`` (live
     filters cut to a block multiple), every candidate followed by a small blocked
     1×1 conv so that leaving ORT's blocked layout costs what it costs in a graph
     (``reorder_elems``), and its dense conv also at ``CALIBRATION_BATCH`` samples;
-    each of ``dense_shapes`` as a dense conv only, at both batch sizes. Every candidate is
+    each of ``dense_shapes`` as a dense conv only, at both batch sizes; and chains of
+    elementwise adds (``elementwise``). Every row is one session run
+    (``runs``, which a graph adds once: :data:`ONE_RUN`). Every candidate is
     exported with ``swpfx.export_onnx`` and timed in a session of
     :func:`swpfx.export.ort_session` (thread spinning off), interleaved. About
     two minutes on 2 cores. ``cache="default"`` writes :func:`cache_path`;
@@ -604,9 +644,11 @@ def calibrate(cache="default", shapes=CALIBRATION_SHAPES, rounds: int = 20, seed
         work = candidate_work(geometry, mask, supported_forms(geometry) if make else (), align=pricing.block)
         consumer, consumer_work = _blocked_consumer(geometry, pricing) if make else (None, {})
         times = measure_candidates(gm, x, list(work), rounds=rounds, threads=threads, consumer=consumer)
-        rows.extend((_added(pricing.priced(work[key]), consumer_work), times[key]) for key in work)
+        rows.extend((_added(_added(pricing.priced(work[key]), consumer_work), ONE_RUN), times[key]) for key in work)
         # the dense conv at a batch too: ORT's NCHW path falls behind there
-        rows.append(_dense_row_at_batch(gm, x, pricing.priced(work[("dense", ())]), rounds, threads, generator))
+        rows.append(_dense_row_at_batch(gm, x, _added(pricing.priced(work[("dense", ())]), ONE_RUN), rounds, threads,
+                                        generator))
+    rows += _elementwise_rows(elementwise, rounds, threads, generator)
     model = RuntimeModel(coefficients=fit_coefficients(rows), source="calibrated", machine=machine_key(),
                          block=pricing.block, nchwc_multiple=pricing.nchwc_multiple)
     if cache is not None:

@@ -328,7 +328,7 @@ def test_runtime_model_fit_is_the_nonnegative_least_squares_optimum():
     from swpfx.runtime_model import WORK_KINDS
 
     rng = np.random.default_rng(13)
-    scales = np.array([1e8, 1e6, 100, 1e6, 5, 1e8, 1e6, 1e6])
+    scales = np.array([1e8, 1e6, 100, 1e6, 5, 1e8, 1e6, 1e6, 5, 1e6, 1])
     assert len(scales) == len(WORK_KINDS)
     rows = [({k: float(v) for k, v in zip(WORK_KINDS, rng.integers(1, 10, len(scales)) * scales)},
              float(rng.uniform(1e-3, 5e-3))) for _ in WORK_KINDS]

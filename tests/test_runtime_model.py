@@ -31,13 +31,32 @@ def test_cache_path_names_cpu_and_onnxruntime_version(tmp_path):
 def test_calibrate_fits_every_kind_from_exported_graphs_and_caches(tmp_path):
     path = tmp_path / "rm.json"
     model = rm.calibrate(cache=path, shapes=[(16, 16, 3, 1, 1, 8)], rounds=2, progress=False,
-                         dense_shapes=[(12, 20, 3, 1, 1, 8), (20, 20, 3, 1, 1, 8)])
+                         dense_shapes=[(12, 20, 3, 1, 1, 8), (20, 20, 3, 1, 1, 8)],
+                         elementwise=[(8, 8, 1), (8, 8, 4)])
     assert set(model.coefficients) == set(WORK_KINDS)
     assert all(c >= 0 for c in model.coefficients.values()) and model.coefficients["conv_macs"] > 0
     saved = json.loads(path.read_text())
     assert saved["machine"] == rm.machine_key()
     loaded = rm.default_runtime_model(path)
     assert loaded.coefficients == pytest.approx(model.coefficients) and loaded.machine == rm.machine_key()
+
+
+def test_graph_ops_and_the_run_have_their_own_kinds_counted_once_per_run():
+    """A residual add or reshape is priced as ``graph_ops``/``graph_elems`` (a few µs), not as a lowered form's extra
+    ``ops``; per-op and per-run costs do not grow with the batch, the elements do; a graph pays one run."""
+    from torch import fx, nn
+
+    from swpfx.estimate import node_work, predict_graph
+
+    gm = fx.symbolic_trace(nn.Sequential(nn.ReLU(), nn.Flatten()))
+    x = torch.randn(2, 3, 4, 4)
+    torch.fx.passes.shape_prop.ShapeProp(gm).propagate(x)
+    relu = next(n for n in gm.graph.nodes if n.op == "call_module")
+    assert node_work(relu) == {"graph_elems": 2 * 3 * 4 * 4, "graph_ops": 1}
+    zero = {k: 0.0 for k in WORK_KINDS}
+    model = rm.RuntimeModel(coefficients={**zero, "graph_ops": 1.0, "graph_elems": 1e-3, "runs": 10.0}, block=16)
+    assert model.predict({"graph_ops": 1, "graph_elems": 100, "runs": 1}, batch=8) == pytest.approx(1 + 0.8 + 10)
+    assert predict_graph(gm, model) == pytest.approx(10 + 2 * 1 + 2 * 0.096)  # one run, two ops, 96 elements each
 
 
 def test_missing_calibration_is_measured_on_request_and_announced(tmp_path, monkeypatch, capsys):
@@ -57,8 +76,9 @@ def test_missing_calibration_is_measured_on_request_and_announced(tmp_path, monk
 def test_cli_calibrate_writes_the_file_it_names(tmp_path, monkeypatch, capsys):
     seen = {}
 
-    def fake_calibrate(cache, shapes, rounds, threads, progress, dense_shapes):
-        seen.update(cache=cache, shapes=shapes, rounds=rounds, threads=threads, dense_shapes=dense_shapes)
+    def fake_calibrate(cache, shapes, rounds, threads, progress, dense_shapes, elementwise):
+        seen.update(cache=cache, shapes=shapes, rounds=rounds, threads=threads, dense_shapes=dense_shapes,
+                    elementwise=elementwise)
         return rm.RuntimeModel()
 
     monkeypatch.setattr(rm, "calibrate", fake_calibrate)
@@ -66,6 +86,7 @@ def test_cli_calibrate_writes_the_file_it_names(tmp_path, monkeypatch, capsys):
     assert main(["calibrate", "--out", str(out), "--rounds", "3", "--quick", "--no-progress"]) == 0
     assert seen["cache"] == str(out) and seen["rounds"] == 3 and len(seen["shapes"]) < len(rm.CALIBRATION_SHAPES)
     assert len(seen["dense_shapes"]) < len(rm.DENSE_CALIBRATION_SHAPES)
+    assert 0 < len(seen["elementwise"]) < len(rm.ELEMENTWISE_CALIBRATION)
     printed = capsys.readouterr().out
     assert "conv_macs" in printed and str(out) in printed
 
