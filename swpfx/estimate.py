@@ -267,7 +267,7 @@ class ConversionEstimate:
 
     def estimate(self, masks: dict[str, torch.Tensor]) -> Estimate:
         keep = self.keep(masks)
-        result = Estimate(0, self.runtime_model.predict(ONE_RUN) if self.runtime_model is not None else 0.0)
+        result = Estimate(0, self._per_sample(ONE_RUN))
         for site in self.convs:
             self._add_conv(result, site, masks, keep)
         for node, linear in self.linears:

@@ -86,7 +86,8 @@ DEFAULT_COEFFICIENTS = {
     "ops": 7.96e-6,
     "reorder_elems": 2.66e-10,  # not fitted on that machine; one copy per element, as copy_elems
     "input_loads": 1.6e-10,  # not fitted on that machine; from 3×3 convs at 28² with 8 to 64 filters on AVX2
-    # not fitted on that machine; measured on an AVX-512 EPYC: one session run from Python, and an elementwise op
+    # not fitted on that machine; on an AVX-512 EPYC, a session run from Python took 5-25 µs and a small elementwise
+    # op 0.5-5 µs (chains of 1-40 ops timed directly; calibrations there fitted 0.5-2 µs)
     "runs": 5e-6,
     "graph_ops": 2e-6,
     "graph_elems": 1.1e-10,
@@ -161,19 +162,22 @@ def padding_factor(channels: int, block: int) -> float:
     return -(-channels // block) * block / channels if block > 1 else 1.0
 
 
-@functools.lru_cache(maxsize=None)
 def nchwc_channel_multiple(block: int | None = None) -> int:
     """The channel multiple on which this ONNX Runtime keeps a conv on its NCHWc path (padding to the block).
 
     Found by asking ORT's optimiser (a tiny one-conv model, no timing) for an
     ungrouped conv with ``block + m`` input channels, m = 1, 2, 4, …: the first m
     it accepts; the block itself if it accepts none (ORT before padding input
-    channels). 1 without a channel block.
+    channels). 1 without a channel block. Asked once per block and process.
 
     >>> nchwc_channel_multiple(1)
     1
     """
-    block = channel_block() if block is None else block
+    return _probed_channel_multiple(channel_block() if block is None else block)
+
+
+@functools.lru_cache(maxsize=None)
+def _probed_channel_multiple(block: int) -> int:
     if block <= 1:
         return 1
     multiple = 1
@@ -588,13 +592,18 @@ class _AddChain(nn.Module):
         return x
 
 
+def _seconds_of(module: nn.Module, x: torch.Tensor, rounds: int, threads: int) -> float:
+    """ORT seconds of one module on ``x``, exported: the least of 3 blocks' medians of ``rounds`` runs."""
+    (session,) = exported_sessions([module], x, threads)
+    return time_sessions({"module": session}, x, rounds=rounds, blocks=3)["module"]
+
+
 def _elementwise_rows(chains, rounds: int, threads: int, generator) -> list[tuple[dict, float]]:
     rows = []
     for channels, size, ops in chains:
         for batch in (1, CALIBRATION_BATCH):
             x = torch.randn(batch, channels, size, size, generator=generator)
-            (session,) = exported_sessions([_AddChain(channels, ops).eval()], x, threads)
-            seconds = time_sessions({"adds": session}, x, rounds=rounds, blocks=3)["adds"]
+            seconds = _seconds_of(_AddChain(channels, ops).eval(), x, rounds, threads)
             rows.append(({"graph_elems": ops * x.numel(), "graph_ops": ops, **ONE_RUN}, seconds))
     return rows
 
@@ -602,8 +611,7 @@ def _elementwise_rows(chains, rounds: int, threads: int, generator) -> list[tupl
 def _dense_row_at_batch(gm, x, work: dict, rounds: int, threads: int, generator) -> tuple[dict, float]:
     """(work of the dense conv at ``CALIBRATION_BATCH`` samples, its measured seconds)."""
     xb = torch.randn(CALIBRATION_BATCH, *x.shape[1:], generator=generator)
-    (session,) = exported_sessions([gm], xb, threads)
-    seconds = time_sessions({"dense": session}, xb, rounds=rounds, blocks=3)["dense"]
+    seconds = _seconds_of(gm, xb, rounds, threads)
     return {k: v * (1 if k in PER_RUN_KINDS else CALIBRATION_BATCH) for k, v in work.items()}, seconds
 
 
