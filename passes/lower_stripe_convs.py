@@ -259,16 +259,17 @@ def is_lowerable(conv: nn.Conv2d, mask: torch.Tensor) -> bool:
     return conv.kernel_size != (1, 1) and not bool(mask.all())
 
 
-def check_stripe_conv(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Conv2d, torch.Tensor]:
+def check_stripe_conv(gm: fx.GraphModule, node: fx.Node, pass_name: str = PASS) -> tuple[nn.Conv2d, torch.Tensor]:
+    """The conv and its kept-stripe mask (bool), checked against this pass's input contract (errors name ``pass_name``)."""
     conv = gm.get_submodule(node.target)
     mask = node.meta[META_KEY]["mask"].to(torch.bool).cpu()
     if conv.padding_mode != "zeros":
-        raise pass_error(PASS, node, f"padding_mode {conv.padding_mode!r} must be made an explicit pad first")
+        raise pass_error(pass_name, node, f"padding_mode {conv.padding_mode!r} must be made an explicit pad first")
     if tuple(mask.shape) != (conv.out_channels, *conv.kernel_size):
-        raise pass_error(PASS, node, f"mask shape {tuple(mask.shape)} does not match the conv's "
+        raise pass_error(pass_name, node, f"mask shape {tuple(mask.shape)} does not match the conv's "
                                      f"(out_channels, kh, kw) = {(conv.out_channels, *conv.kernel_size)}")
     if not bool(mask.flatten(1).any(1).all()):
-        raise pass_error(PASS, node, "a filter has no kept stripe; dead filters must be removed before lowering")
+        raise pass_error(pass_name, node, "a filter has no kept stripe; dead filters must be removed before lowering")
     return conv, mask
 
 

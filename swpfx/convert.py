@@ -14,7 +14,7 @@ from swpfx.pipeline import convert_with_masks
 from swpfx.prepare import META, _require_prepared, skeletons
 from swpfx.tracing import normalize_example_inputs
 
-LOWERING_MODES = ("auto", "always", "never")
+LOWERING_MODES = ("auto", "always", "never", "fused")
 DEFAULT_THRESHOLD = 0.05
 
 
@@ -83,12 +83,25 @@ def _check_args(threshold, flops_target, latency_target, lowering, channel_multi
                                   ("latency_target", latency_target)) if v is not None]
     if len(given) > 1:
         raise ValueError(f"swpfx.convert: {' and '.join(given)} are mutually exclusive; pass one")
+    if lowering == "fused":
+        _check_fused(flops_target, latency_target)
     if flops_target is not None or latency_target is not None:
         return None  # the budget checks its own target
     threshold = DEFAULT_THRESHOLD if threshold is None else threshold
     if not isinstance(threshold, (int, float)) or math.isnan(threshold) or threshold < 0:
         raise ValueError(f"swpfx.convert: threshold must be a number >= 0, got {threshold!r}")
     return float(threshold)
+
+
+def _check_fused(flops_target, latency_target) -> None:
+    if flops_target is not None or latency_target is not None:
+        raise ValueError("swpfx.convert: lowering='fused' takes a threshold; flops_target and latency_target price "
+                         "ONNX Runtime's forms, and the fused kernel runs in PyTorch")
+    from swpfx.kernels import stripe_conv
+
+    if not stripe_conv.is_available():
+        raise RuntimeError("swpfx.convert: lowering='fused' needs the compiled stripe kernel, which is unavailable "
+                           f"here ({stripe_conv.unavailable_reason()}); lowering='auto' uses standard ops only")
 
 
 def convert(
@@ -112,7 +125,9 @@ def convert(
     2. remove filters with no stripe left, and the channels they feed, across the
        whole graph (their constant effect is folded into the consumers, exactly);
     3. lower convs with partially pruned filters (``lowering``: ``"auto"`` decides per
-       conv with a runtime model, ``"always"``, or ``"never"`` to keep dense convs).
+       conv with a runtime model, ``"always"``, or ``"never"`` to keep dense convs;
+       ``"fused"`` replaces each by the compiled stripe kernel for PyTorch inference,
+       see below).
 
     ``threshold`` is the paper's rule on raw ``|I|`` (after training with the
     gradual rule, ``threshold=0.0`` drops exactly the stripes it zeroed).
@@ -138,6 +153,13 @@ def convert(
     CPU convs are markedly slower on other channel counts. The default is this
     CPU's NCHWc block (:func:`swpfx.runtime_model.channel_block`: 16 with
     AVX-512, 8 with AVX2). Use 1 to remove every dead filter that can go.
+
+    ``lowering="fused"`` (with ``threshold``) replaces every ungrouped stripe-pruned
+    conv, with the BatchNorm, residual add and ReLU after it, by one
+    :class:`swpfx.kernels.fused_conv.FusedStripeConv2d`: the compiled kernel, which
+    multiplies only the kept stripes (float32 CPU inference in PyTorch; other convs
+    get the ``"auto"`` forms). Its ONNX export holds plain dense convs, so ONNX
+    Runtime gains nothing from it. Needs a C++ compiler (built on first use).
 
     The result is in eval mode and equals the prepared model with the pruned
     skeleton entries set to zero. ``prepared`` is not modified.

@@ -17,6 +17,7 @@ from torch import fx
 
 from swpfx.passes.fold_batchnorm_into_sums import fold_batchnorm_into_sums
 from swpfx.passes.fold_skeletons import fold_skeletons
+from swpfx.passes.fuse_stripe_convs import fuse_stripe_convs
 from swpfx.passes.graph_utils import swpfx_meta
 from swpfx.passes.lower_stripe_convs import lower_stripe_convs
 from swpfx.passes.remove_channels import remove_channels
@@ -65,10 +66,22 @@ def conversion_passes(masks: dict, lowering: str, probe: tuple, channel_multiple
         ("fold_batchnorm_into_sums", fold_batchnorm_into_sums),
         ("mark_kept_dead_filters", mark_kept_dead_filters),
     ]
-    if lowering != "never":
+    if lowering == "fused":  # the compiled kernel where it applies, the standard forms for the rest
+        passes.append(("fuse_stripe_convs", lambda gm: fuse_stripe_convs(gm, make_fused_conv)))
+        passes.append(("lower_stripe_convs", lambda gm: lower_stripe_convs(gm, "auto", choose_form)))
+    elif lowering != "never":
         passes.append(("lower_stripe_convs", lambda gm: lower_stripe_convs(gm, lowering, choose_form)))
     passes.append(("eliminate_dead_code", _eliminate_dead_code))
     return passes, state
+
+
+def make_fused_conv(conv, mask, *, relu, residual, scale, shift):
+    """``fuse_stripe_convs``' factory: the compiled stripe kernel's module, None for convs it does not do."""
+    from swpfx.kernels.fused_conv import FusedStripeConv2d, unsupported_reason  # loaded only when fusing
+
+    if unsupported_reason(conv) is not None:
+        return None
+    return FusedStripeConv2d.from_conv(conv, mask, relu=relu, residual=residual, scale=scale, shift=shift)
 
 
 def _eliminate_dead_code(gm: fx.GraphModule) -> None:

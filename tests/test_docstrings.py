@@ -24,6 +24,8 @@ MODULES = [
     "swpfx.passes.stripe_geometry",
     "swpfx.passes.modes",
     "swpfx.passes.lower_stripe_convs",
+    "swpfx.passes.fuse_stripe_convs",
+    "swpfx.kernels.fused_conv",
     "swpfx.runtime_model",
     "swpfx.timing",
     "swpfx.progress",

@@ -63,8 +63,8 @@ SOURCE = Path(__file__).with_name("stripe_conv.cpp")
 BASE_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", "-pthread")
 DEFAULT_THREADS = 2
 
-__all__ = ["is_available", "unavailable_reason", "kernel_info", "pack_weights", "stripe_conv2d", "partition",
-           "StripePackedWeights"]
+__all__ = ["is_available", "unavailable_reason", "kernel_info", "pack_weights", "stripe_conv2d", "bind", "partition",
+           "StripePackedWeights", "BoundStripeConv"]
 
 
 # ----------------------------------------------------------------------------- build and load
@@ -575,57 +575,19 @@ def stripe_conv2d(x, packed: StripePackedWeights, bias=None, stride=1, padding=N
     ``threads`` is the number of threads (the caller's plus a shared worker pool).
     ``groups`` (filter groups), ``bands`` (output row bands), ``pv`` (pixel
     vectors per micro-tile) and ``channel_chunk`` are tuning knobs (defaults:
-    :func:`partition`'s cost model); they never change the result.
+    :func:`partition`'s cost model); they never change the result. To call one
+    conv many times on one input shape, :func:`bind` it once.
     """
-    lib, info = _require()
-    if threads > 1:
-        lib.swp_pool_wake(int(threads))  # the workers wake while the arguments are checked
     is_torch = hasattr(x, "detach")
     xa = _to_numpy(x, np.float32)
     squeeze = xa.ndim == 3
     if squeeze:
         xa = xa[None]
-    if xa.ndim != 4:
-        raise ValueError(f"swpfx.kernels.stripe_conv.stripe_conv2d: x must be (N, C, H, W), got {xa.shape}")
-    n, c, h, w = xa.shape
-    kh, kw = packed.kernel_size
-    if c != packed.in_channels:
-        raise ValueError(f"swpfx.kernels.stripe_conv.stripe_conv2d: x has {c} channels, the weight expects "
-                         f"{packed.in_channels}")
-    sh, sw = _pair(stride, "stride")
-    dh, dw = _pair(dilation, "dilation")
-    if dh < 1 or dw < 1:
-        raise ValueError(f"swpfx.kernels.stripe_conv.stripe_conv2d: unsupported dilation {dilation}")
-    ph, pw = _pair((dh * (kh - 1) // 2, dw * (kw - 1) // 2) if padding is None else padding, "padding")
-    if sh < 1 or sw < 1 or ph < 0 or pw < 0:
-        raise ValueError(f"swpfx.kernels.stripe_conv.stripe_conv2d: unsupported stride {stride} / padding {padding}")
-    ho, wo = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    if h + 2 * ph < dh * (kh - 1) + 1 or w + 2 * pw < dw * (kw - 1) + 1 or ho < 1 or wo < 1:
-        raise ValueError(f"swpfx.kernels.stripe_conv.stripe_conv2d: input {h}x{w} too small for kernel {kh}x{kw} "
-                         f"(padding {ph, pw}, dilation {dh, dw})")
-    o = packed.out_channels
-    threads = max(1, min(int(threads), info["max_threads"]))
-    pv = info["default_pv"] if pv is None else int(pv)
-    if not 1 <= pv <= info["max_pv"]:
-        raise ValueError(f"swpfx.kernels.stripe_conv.stripe_conv2d: pv must be in 1..{info['max_pv']}")
-    geometry = (c, h, w, kh, kw, sh, sw, ph, pw, dh, dw)
-    part = partition(packed, geometry, threads, pv, info["vector_width"], groups=groups, bands=bands,
-                     channel_chunk=channel_chunk, l2_bytes=info["l2_bytes"])
-
-    b = None if bias is None else _to_numpy(bias, np.float32).reshape(-1)
-    if b is not None and b.size != o:
-        raise ValueError(f"swpfx.kernels.stripe_conv.stripe_conv2d: bias has {b.size} values, expected {o}")
-    r = None
-    if residual is not None:
-        r = _to_numpy(residual, np.float32).reshape(n, o, ho, wo)
-    if out is None:
-        out = _empty_aligned((n, o, ho, wo))
-    elif out.shape != (n, o, ho, wo) or out.dtype != np.float32 or not out.flags.c_contiguous:
-        raise ValueError(f"swpfx.kernels.stripe_conv.stripe_conv2d: out must be contiguous float32 {(n, o, ho, wo)}")
-    plan = packed.plan(lib, geometry, part, pv, threads)
-    code = lib.swp_plan_run(plan.handle, xa.ctypes.data, n, out.ctypes.data, _addr(b), _addr(r), int(bool(relu)))
-    if code != 0:
-        raise RuntimeError(f"swpfx.kernels.stripe_conv.stripe_conv2d: kernel rejected its arguments (code {code})")
+    call = bind(packed, xa.shape, stride, padding, dilation, relu=relu, threads=threads, groups=groups, bands=bands,
+                pv=pv, channel_chunk=channel_chunk)
+    b = None if bias is None else _to_numpy(bias, np.float32)
+    r = None if residual is None else _to_numpy(residual, np.float32)
+    out = call(xa, b, r, out=out)
     if squeeze:
         out = out[0]
     if is_torch:
@@ -633,3 +595,70 @@ def stripe_conv2d(x, packed: StripePackedWeights, bias=None, stride=1, padding=N
 
         return torch.from_numpy(out)
     return out
+
+
+class BoundStripeConv:
+    """One stripe conv bound to one input shape: arguments checked and the kernel plan resolved once.
+
+    ``call(x, bias, residual, out=None)`` takes contiguous float32 numpy arrays
+    (``bias`` and ``residual`` may be None) and returns the output array.
+    """
+
+    def __init__(self, lib, plan: _Plan, input_shape: tuple, output_shape: tuple, relu: bool, threads: int):
+        self._lib, self._plan, self.relu, self.threads = lib, plan, bool(relu), int(threads)
+        self.input_shape, self.output_shape = tuple(input_shape), tuple(output_shape)
+
+    def __call__(self, x: np.ndarray, bias: np.ndarray | None = None, residual: np.ndarray | None = None,
+                 out: np.ndarray | None = None) -> np.ndarray:
+        lib, name = self._lib, "swpfx.kernels.stripe_conv.stripe_conv2d"
+        if self.threads > 1:
+            lib.swp_pool_wake(self.threads)  # the workers wake while the arguments are checked
+        if x.shape != self.input_shape or x.dtype != np.float32 or not x.flags.c_contiguous:
+            raise ValueError(f"{name}: x must be contiguous float32 {self.input_shape}, got {x.dtype} {x.shape}")
+        if bias is not None and bias.size != self.output_shape[1]:
+            raise ValueError(f"{name}: bias has {bias.size} values, expected {self.output_shape[1]}")
+        if residual is not None and (residual.size != math.prod(self.output_shape) or residual.dtype != np.float32
+                                     or not residual.flags.c_contiguous):
+            raise ValueError(f"{name}: residual must be contiguous float32 of {self.output_shape}")
+        if out is None:
+            out = _empty_aligned(self.output_shape)
+        elif out.shape != self.output_shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+            raise ValueError(f"{name}: out must be contiguous float32 {self.output_shape}")
+        code = lib.swp_plan_run(self._plan.handle, x.ctypes.data, self.input_shape[0], out.ctypes.data, _addr(bias),
+                                _addr(residual), int(self.relu))
+        if code != 0:
+            raise RuntimeError(f"{name}: kernel rejected its arguments (code {code})")
+        return out
+
+
+def bind(packed: StripePackedWeights, input_shape, stride=1, padding=None, dilation=1, *, relu: bool = False,
+         threads: int = DEFAULT_THREADS, groups: int | None = None, bands: int | None = None, pv: int | None = None,
+         channel_chunk: int | None = None) -> BoundStripeConv:
+    """:func:`stripe_conv2d`'s checks and plan for one input shape ``(N, C, H, W)``, done once (same arguments)."""
+    lib, info = _require()
+    name = "swpfx.kernels.stripe_conv.stripe_conv2d"
+    if len(input_shape) != 4:
+        raise ValueError(f"{name}: x must be (N, C, H, W), got {tuple(input_shape)}")
+    n, c, h, w = (int(v) for v in input_shape)
+    kh, kw = packed.kernel_size
+    if c != packed.in_channels:
+        raise ValueError(f"{name}: x has {c} channels, the weight expects {packed.in_channels}")
+    sh, sw = _pair(stride, "stride")
+    dh, dw = _pair(dilation, "dilation")
+    if dh < 1 or dw < 1:
+        raise ValueError(f"{name}: unsupported dilation {dilation}")
+    ph, pw = _pair((dh * (kh - 1) // 2, dw * (kw - 1) // 2) if padding is None else padding, "padding")
+    if sh < 1 or sw < 1 or ph < 0 or pw < 0:
+        raise ValueError(f"{name}: unsupported stride {stride} / padding {padding}")
+    ho, wo = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    if h + 2 * ph < dh * (kh - 1) + 1 or w + 2 * pw < dw * (kw - 1) + 1 or ho < 1 or wo < 1:
+        raise ValueError(f"{name}: input {h}x{w} too small for kernel {kh}x{kw} (padding {ph, pw}, dilation {dh, dw})")
+    threads = max(1, min(int(threads), info["max_threads"]))
+    pv = info["default_pv"] if pv is None else int(pv)
+    if not 1 <= pv <= info["max_pv"]:
+        raise ValueError(f"{name}: pv must be in 1..{info['max_pv']}")
+    geometry = (c, h, w, kh, kw, sh, sw, ph, pw, dh, dw)
+    part = partition(packed, geometry, threads, pv, info["vector_width"], groups=groups, bands=bands,
+                     channel_chunk=channel_chunk, l2_bytes=info["l2_bytes"])
+    plan = packed.plan(lib, geometry, part, pv, threads)
+    return BoundStripeConv(lib, plan, (n, c, h, w), (n, packed.out_channels, ho, wo), relu, threads)
