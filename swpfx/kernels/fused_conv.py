@@ -118,12 +118,12 @@ class FusedStripeConv2d(nn.Module):
     Holds ``weight`` (O, C, Kh, Kw, pruned stripes zero), ``mask`` (bool (O, Kh,
     Kw), the kept stripes) and ``bias`` as buffers: it is an inference module.
     ``forward(x)`` or, with ``residual=True``, ``forward(x, residual)``.
-    ``threads``: the kernel's threads (its own pool, not torch's).
+    ``threads``: the kernel's threads (its own pool, not torch's); 0, the
+    default, takes ``torch.get_num_threads()`` at each call.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 bias: bool = True, relu: bool = False, residual: bool = False,
-                 threads: int = stripe_conv.DEFAULT_THREADS):
+                 bias: bool = True, relu: bool = False, residual: bool = False, threads: int = 0):
         super().__init__()
         pair = nn.modules.utils._pair
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
@@ -137,7 +137,7 @@ class FusedStripeConv2d(nn.Module):
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, mask: torch.Tensor, *, relu: bool = False, residual: bool = False,
                   scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
-                  threads: int = stripe_conv.DEFAULT_THREADS) -> FusedStripeConv2d:
+                  threads: int = 0) -> FusedStripeConv2d:
         """The fused form of ``conv`` under ``mask``, with an optional per-channel affine (a folded
         BatchNorm: ``scale * conv(x) + shift``) applied to its weight and bias."""
         reason = unsupported_reason(conv)
@@ -171,7 +171,7 @@ class FusedStripeConv2d(nn.Module):
                              f"{'with' if residual is not None else 'without'} a residual")
         if kernel_applies(x):  # the op's implementation, called directly: its dispatch costs ~0.1 ms per call
             return _run_kernel(x, self.weight, self.mask, self.bias, residual, self.stride, self.padding, self.dilation,
-                               self.relu, self.threads)
+                               self.relu, self.threads or torch.get_num_threads())
         y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
         if residual is not None:
             y = y + residual
