@@ -30,8 +30,10 @@ def test_cache_path_names_cpu_and_onnxruntime_version(tmp_path):
 
 def test_calibrate_fits_every_kind_from_exported_graphs_and_caches(tmp_path):
     path = tmp_path / "rm.json"
-    model = rm.calibrate(cache=path, shapes=[(16, 16, 3, 1, 1, 8)], rounds=2, progress=False,
-                         dense_shapes=[(12, 20, 3, 1, 1, 8), (20, 20, 3, 1, 1, 8)],
+    # 24² inputs: 1-2 M MACs per conv (tens of µs), above a session run's 5-25 µs, so the fit can see the convs
+    # (at 8² a noisy run fitted conv_macs to 0)
+    model = rm.calibrate(cache=path, shapes=[(16, 16, 3, 1, 1, 24)], rounds=2, progress=False,
+                         dense_shapes=[(12, 20, 3, 1, 1, 24), (20, 20, 3, 1, 1, 24)],
                          elementwise=[(8, 8, 1), (8, 8, 4)])
     assert set(model.coefficients) == set(WORK_KINDS)
     assert all(c >= 0 for c in model.coefficients.values()) and model.coefficients["conv_macs"] > 0
