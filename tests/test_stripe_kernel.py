@@ -123,6 +123,29 @@ def test_tuning_knobs_do_not_change_the_result(block, pv, groups, chunk, bands, 
     assert torch.equal(y, default)  # the partition never changes the summation order
 
 
+@pytest.mark.parametrize("stride, threads, bands, groups", [(1, 2, 4, 1), (2, 2, 1, 3), (1, 1, None, None)])
+def test_openmp_build_equals_the_own_pool_build(stride, threads, bands, groups, generator):
+    """The build for use inside torch (work items on the process's OpenMP threads) gives the very same output."""
+    if not stripe_conv.is_available("openmp"):
+        pytest.skip(f"OpenMP build unavailable: {stripe_conv.unavailable_reason('openmp')}")
+    assert stripe_conv.kernel_info("openmp")["pool"] == "openmp" and stripe_conv.kernel_info()["pool"] == "own"
+    weight = torch.randn(48, 20, 3, 3, generator=generator)
+    mask = make_mask("structured", 48, 3, 3, generator)
+    x = torch.randn(2, 20, 17, 15, generator=generator).numpy()
+    bias, residual = torch.randn(48, generator=generator).numpy(), None
+    packed = stripe_conv.pack_weights(weight, mask)
+    outs = []
+    for pool in stripe_conv.POOLS:
+        call = stripe_conv.bind(packed, x.shape, stride=stride, relu=True, threads=threads, bands=bands, groups=groups,
+                                pool=pool)
+        outs.append(call(x, bias, residual))
+    assert np.array_equal(outs[0], outs[1])
+    expected = torch.relu(reference(torch.from_numpy(x), weight, mask, torch.from_numpy(bias), stride, 1))
+    assert relative_error(outs[1], expected) <= REL_TOL
+    with pytest.raises(ValueError, match="pool must be one of"):
+        stripe_conv.bind(packed, x.shape, pool="tbb")
+
+
 def test_threads_batch_residual_relu_and_numpy(generator):
     weight = torch.randn(32, 16, 3, 3, generator=generator)
     mask = make_mask("mixed", 32, 3, 3, generator)

@@ -299,6 +299,13 @@ class Pool {
   void run(std::int64_t n, int threads, item_fn fn, void* ctx) {
     if (n <= 0) return;
     threads = static_cast<int>(std::min<std::int64_t>({static_cast<std::int64_t>(threads), n, MAX_THREADS}));
+#if defined(_OPENMP)
+    // The OpenMP build, for use inside torch: the items run on the process's OpenMP threads. Loaded after torch, this
+    // library binds torch's libgomp (same SONAME), so the kernel and torch's ops share one pool instead of contending
+    // for the cores (measured 13-17 % faster end to end in a fused ResNet-18 than with the pool below).
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (std::int64_t i = 0; i < n; ++i) fn(ctx, 0, i);
+#else
     std::unique_lock<std::mutex> busy(run_mutex_, std::try_to_lock);
     if (threads <= 1 || n > MAX_ITEMS || !busy.owns_lock()) {  // one thread, or the pool serves another caller
       for (std::int64_t i = 0; i < n; ++i) fn(ctx, 0, i);
@@ -326,11 +333,15 @@ class Pool {
       if (spins < 64 || Clock::now() - start < std::chrono::microseconds(200)) SWP_PAUSE();
       else std::this_thread::yield();  // a worker holding an item was descheduled
     }
+#endif
   }
 
   // Wake sleeping workers ahead of a call (the caller still has argument checking to do); they spin
   // for the next call for another SPIN us. Never blocks: skipped when another caller owns the pool.
   void wake(int threads) {
+#if defined(_OPENMP)
+    return;  // no pool of our own
+#endif
     threads = std::min(threads, MAX_THREADS);
     if (threads <= 1) return;
     std::unique_lock<std::mutex> busy(run_mutex_, std::try_to_lock);
@@ -673,6 +684,11 @@ void run_item(void* ctx, int /*slot*/, std::int64_t item) {
 extern "C" {
 
 int swp_vector_width() { return VL; }
+#if defined(_OPENMP)
+const char* swp_threading() { return "the process's OpenMP runtime (torch's libgomp when torch is loaded first)"; }
+#else
+const char* swp_threading() { return "built-in pool (std::thread; row bands x filter groups, per-thread input packing)"; }
+#endif
 const char* swp_isa() { return ISA; }
 int swp_default_pv() { return DEF_PV; }
 int swp_default_f() { return DEF_F; }

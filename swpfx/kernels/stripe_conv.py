@@ -11,7 +11,10 @@ AVX-512, AVX2+FMA, or portable vector code.
 Threads come from a small pool inside the library (the caller plus workers that
 spin briefly after a call, then sleep), not from OpenMP: libgomp's default
 spin-waiting, shared with torch's OpenMP runtime, made 2-thread calls 30x slower
-on a busy machine. The output is partitioned into row bands x filter groups
+on a busy machine. A second build, ``pool="openmp"`` (``-fopenmp``), runs the same
+work items on the process's OpenMP threads instead; loaded after torch it binds
+torch's libgomp, so inside a torch model the kernel and torch's ops share one
+pool (what ``swpfx.kernels.fused_conv`` uses). The two builds give identical results. The output is partitioned into row bands x filter groups
 (:func:`partition`); each thread packs only the input rows of its own bands into
 its own buffer and stores its own outputs, so threads share no accumulator, no
 input copy and no barrier. With "same"-style padding the packed rows hold only
@@ -64,7 +67,7 @@ BASE_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", "-pthrea
 DEFAULT_THREADS = 2
 
 __all__ = ["is_available", "unavailable_reason", "kernel_info", "pack_weights", "stripe_conv2d", "bind", "partition",
-           "StripePackedWeights", "BoundStripeConv"]
+           "StripePackedWeights", "BoundStripeConv", "POOLS"]
 
 
 # ----------------------------------------------------------------------------- build and load
@@ -116,8 +119,9 @@ def _declare(lib: ctypes.CDLL) -> None:
                  "swp_max_threads"):
         getattr(lib, name).restype = c_int
         getattr(lib, name).argtypes = []
-    lib.swp_isa.restype = ctypes.c_char_p
-    lib.swp_isa.argtypes = []
+    for name in ("swp_isa", "swp_threading"):
+        getattr(lib, name).restype = ctypes.c_char_p
+        getattr(lib, name).argtypes = []
     lib.swp_plan_create.restype = vp
     lib.swp_plan_create.argtypes = ([i64] * 12 + [vp] * 11 + [i64, vp, i64, vp, c_int, c_int, ctypes.POINTER(c_int)])
     lib.swp_plan_destroy.restype = None
@@ -138,9 +142,12 @@ def _l2_bytes() -> int:
         return 1 << 20
 
 
-@functools.lru_cache(maxsize=1)
-def _library():
-    """(ctypes library, info dict) or (None, reason)."""
+POOLS = ("own", "openmp")  # the kernel's thread pool: its own workers, or the process's OpenMP threads (for torch)
+
+
+@functools.lru_cache(maxsize=None)
+def _library(pool: str = "own"):
+    """(ctypes library, info dict) or (None, reason), for the build with that ``pool`` (see :data:`POOLS`)."""
     if os.environ.get("SWPFX_NO_KERNELS"):
         return None, "disabled by SWPFX_NO_KERNELS"
     if not SOURCE.is_file():
@@ -156,7 +163,7 @@ def _library():
     errors = []
     # e.g. SWPFX_KERNEL_EXTRA_FLAGS=-march=haswell builds the AVX2 path on an AVX-512 machine (the last -march wins)
     extra = tuple(os.environ.get("SWPFX_KERNEL_EXTRA_FLAGS", "").split())
-    for flags in (BASE_FLAGS + extra,):
+    for flags in (BASE_FLAGS + (("-fopenmp",) if pool == "openmp" else ()) + extra,):
         key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), _cpu_flags().encode(),
                                          " ".join(version).encode(), cxx.encode()])).hexdigest()[:20]
         target = _cache_root() / key / "stripe_conv.so"
@@ -176,34 +183,37 @@ def _library():
             continue
         info = {"path": str(target), "compiler": cxx, "compiler_version": version[0] if version else "",
                 "flags": " ".join(flags), "isa": lib.swp_isa().decode(), "vector_width": lib.swp_vector_width(),
-                "threading": "built-in pool (std::thread; row bands x filter groups, per-thread input packing)",
+                "threading": lib.swp_threading().decode(), "pool": pool,
                 "default_pv": lib.swp_default_pv(), "default_f": lib.swp_default_f(), "max_pv": lib.swp_max_pv(),
                 "max_f": lib.swp_max_f(), "max_threads": lib.swp_max_threads(), "l2_bytes": _l2_bytes()}
         return lib, info
     return None, "building the fused stripe kernel failed: " + " | ".join(errors)
 
 
-def is_available() -> bool:
-    """True when the kernel is (or can be) compiled and loaded on this machine (builds it on first call)."""
-    return _library()[0] is not None
+def is_available(pool: str = "own") -> bool:
+    """True when the kernel is (or can be) compiled and loaded on this machine (builds it on first call).
+
+    ``pool="openmp"`` asks for the build whose work runs on the process's OpenMP
+    threads (``-fopenmp``): inside torch, torch's own, so the two share the cores.
+    """
+    return _library(pool)[0] is not None
 
 
-def unavailable_reason() -> str | None:
+def unavailable_reason(pool: str = "own") -> str | None:
     """Why :func:`is_available` is False (None when it is True)."""
-    lib, info = _library()
+    lib, info = _library(pool)
     return None if lib is not None else info
 
 
-def kernel_info() -> dict:
-    """The build: library path, compiler, flags, ISA (``avx512f``/``avx2+fma``/``generic``), vector width."""
-    lib, info = _library()
-    if lib is None:
-        raise RuntimeError(f"swpfx.kernels.stripe_conv: kernel unavailable: {info}")
-    return dict(info)
+def kernel_info(pool: str = "own") -> dict:
+    """The build: library path, compiler, flags, ISA (``avx512f``/``avx2+fma``/``generic``), vector width, threading."""
+    return dict(_require(pool)[1])
 
 
-def _require():
-    lib, info = _library()
+def _require(pool: str = "own"):
+    if pool not in POOLS:
+        raise ValueError(f"swpfx.kernels.stripe_conv: pool must be one of {POOLS}, got {pool!r}")
+    lib, info = _library(pool)
     if lib is None:
         raise RuntimeError(f"swpfx.kernels.stripe_conv: kernel unavailable: {info}")
     return lib, info
@@ -360,7 +370,7 @@ class StripePackedWeights:
 
     def plan(self, lib, geometry: tuple, part: "Partition", pv: int, threads: int) -> _Plan:
         """The cached kernel plan for an input geometry and a partition."""
-        full = geometry + (part.key(), pv, threads)
+        full = geometry + (part.key(), pv, threads, id(lib))
         tables = self.tables(part.groups, part.align)
         with self._lock:
             plan = self._plans.get(full)
@@ -633,9 +643,12 @@ class BoundStripeConv:
 
 def bind(packed: StripePackedWeights, input_shape, stride=1, padding=None, dilation=1, *, relu: bool = False,
          threads: int = DEFAULT_THREADS, groups: int | None = None, bands: int | None = None, pv: int | None = None,
-         channel_chunk: int | None = None) -> BoundStripeConv:
-    """:func:`stripe_conv2d`'s checks and plan for one input shape ``(N, C, H, W)``, done once (same arguments)."""
-    lib, info = _require()
+         channel_chunk: int | None = None, pool: str = "own") -> BoundStripeConv:
+    """:func:`stripe_conv2d`'s checks and plan for one input shape ``(N, C, H, W)``, done once (same arguments).
+
+    ``pool`` picks the build (:func:`is_available`); the result does not depend on it.
+    """
+    lib, info = _require(pool)
     name = "swpfx.kernels.stripe_conv.stripe_conv2d"
     if len(input_shape) != 4:
         raise ValueError(f"{name}: x must be (N, C, H, W), got {tuple(input_shape)}")
