@@ -52,7 +52,7 @@ import torch
 from torch import fx, nn
 
 from .fold_batchnorm_into_sums import batchnorm_affine
-from .graph_utils import META_KEY, swpfx_meta, tensor_shape, unique_attr_name
+from .graph_utils import META_KEY, erase_replaced, swpfx_meta, tensor_shape, unique_attr_name
 from .lower_stripe_convs import RELU_FUNCTIONS, check_stripe_conv, is_lowerable, is_stripe_conv, used_once
 from .pass_result import PassResult
 
@@ -153,11 +153,7 @@ def fuse_conv(gm: fx.GraphModule, node: fx.Node, make_fused: FusedFactory) -> tu
     fused.meta[META_KEY] = {**swpfx_meta(node), "role": "fused_conv", "conv": node.name, "lowering": "fused",
                             "kept_stripes": int(mask.sum()), "absorbed": [n.name for n in found.nodes]}
     last.replace_all_uses_with(fused)
-    for old in [*reversed(found.nodes), node]:
-        target = old.target if old.op == "call_module" else None
-        gm.graph.erase_node(old)
-        if target not in (None, name) and not any(n.op == "call_module" and n.target == target for n in gm.graph.nodes):
-            gm.delete_submodule(target)
+    erase_replaced(gm, [*reversed(found.nodes), node], keep=name)
     return name, [n.name for n in found.nodes]
 
 

@@ -42,6 +42,16 @@ def split_path(target: str) -> tuple[str, str]:
     return owner, leaf
 
 
+def erase_replaced(gm: fx.GraphModule, nodes, keep: str | None = None) -> None:
+    """Erase ``nodes`` (users before producers) and every submodule they called that no node calls any more,
+    except ``keep`` (a replacement that took a removed module's name)."""
+    for node in nodes:
+        target = node.target if node.op == "call_module" else None
+        gm.graph.erase_node(node)
+        if target not in (None, keep) and not any(n.op == "call_module" and n.target == target for n in gm.graph.nodes):
+            gm.delete_submodule(target)
+
+
 def unique_attr_name(root: nn.Module, base: str) -> str:
     """``base`` (a dotted path) if it is free on ``root``, else ``base_1``, ``base_2``..."""
     candidate, i = base, 0

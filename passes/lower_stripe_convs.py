@@ -66,8 +66,8 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .form_work import executed_macs, form_work
-from .graph_utils import (META_KEY, batchnorm_channels, new_conv as _new_conv, pass_error, split_path, swpfx_meta,
-                          unique_attr_name)
+from .graph_utils import (META_KEY, batchnorm_channels, erase_replaced, new_conv as _new_conv, pass_error, split_path,
+                          swpfx_meta, unique_attr_name)
 from .pass_result import PassResult
 from .stripe_geometry import FORMS  # noqa: F401  (re-exported)
 from .stripe_geometry import (DEFAULT_MIN_GROUP, ConvGeometry, box_groups, group_units, inverse_order,
@@ -385,11 +385,7 @@ def lower_conv(gm: fx.GraphModule, node: fx.Node, form: str, min_group: int = DE
     if "tensor_meta" in end.meta:
         out.meta["tensor_meta"] = end.meta["tensor_meta"]
     end.replace_all_uses_with(out)
-    for old in [*reversed(followers), node]:
-        target = old.target if old.op == "call_module" else None
-        gm.graph.erase_node(old)
-        if target is not None and not any(n.op == "call_module" and n.target == target for n in gm.graph.nodes):
-            gm.delete_submodule(target)
+    erase_replaced(gm, [*reversed(followers), node])
     return out
 
 

@@ -5,8 +5,7 @@ dilation, relu, threads)`` is ``act(conv2d(x, weight * mask[:, None], bias) +
 residual)`` computed by :mod:`swpfx.kernels.stripe_conv`, which multiplies only
 the kept stripes. It is registered with :mod:`torch.library` (CPU, float32, with
 a fake implementation for tracing). The weight is packed for the kernel on
-first use and the packing is kept on the weight tensor until the weight or the
-mask changes.
+first use, and the packing is kept until the weight or the mask changes.
 
 :class:`FusedStripeConv2d` is what ``convert(lowering="fused")`` puts in the
 graph in place of a stripe-pruned conv (and the BatchNorm, residual add and ReLU
@@ -84,10 +83,9 @@ def _run_kernel(x, weight, mask, bias, residual, stride, padding, dilation, relu
 
 
 def _output_shape(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> tuple[int, ...]:
-    kh, kw = weight.shape[2:]
-    ho = (x.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    wo = (x.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return (x.shape[0], weight.shape[0], ho, wo)
+    return (x.shape[0], weight.shape[0],
+            *(stripe_conv.output_size(x.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i])
+              for i in (0, 1)))
 
 
 @torch.library.custom_op("swpfx::stripe_conv2d", mutates_args=(), device_types="cpu")
@@ -120,7 +118,7 @@ def kernel_applies(x: torch.Tensor) -> bool:
     tracing = torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
     tracing = tracing or getattr(torch.compiler, "is_exporting", lambda: False)()
     return (not tracing and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
-            and not (torch.is_grad_enabled() and x.requires_grad) and stripe_conv.is_available())
+            and not (torch.is_grad_enabled() and x.requires_grad) and stripe_conv.is_available(_pool()))
 
 
 class FusedStripeConv2d(nn.Module):
@@ -129,8 +127,9 @@ class FusedStripeConv2d(nn.Module):
     Holds ``weight`` (O, C, Kh, Kw, pruned stripes zero), ``mask`` (bool (O, Kh,
     Kw), the kept stripes) and ``bias`` as buffers: it is an inference module.
     ``forward(x)`` or, with ``residual=True``, ``forward(x, residual)``.
-    ``threads``: the kernel's threads (its own pool, not torch's); 0, the
-    default, takes ``torch.get_num_threads()`` at each call.
+    ``threads``: the kernel's threads (on torch's OpenMP threads where the
+    OpenMP build compiles, else the kernel's own pool); 0, the default, takes
+    ``torch.get_num_threads()`` at each call.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,

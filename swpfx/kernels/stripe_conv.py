@@ -14,8 +14,8 @@ spin-waiting, shared with torch's OpenMP runtime, made 2-thread calls 30x slower
 on a busy machine. A second build, ``pool="openmp"`` (``-fopenmp``), runs the same
 work items on the process's OpenMP threads instead; loaded after torch it binds
 torch's libgomp, so inside a torch model the kernel and torch's ops share one
-pool (what ``swpfx.kernels.fused_conv`` uses). The two builds give identical results. The output is partitioned into row bands x filter groups
-(:func:`partition`); each thread packs only the input rows of its own bands into
+pool (what ``swpfx.kernels.fused_conv`` uses). The two builds give identical results.
+The output is partitioned into row bands x filter groups (:func:`partition`); each thread packs only the input rows of its own bands into
 its own buffer and stores its own outputs, so threads share no accumulator, no
 input copy and no barrier. With "same"-style padding the packed rows hold only
 the real input columns and the taps that reach into the padding mask those
@@ -426,6 +426,11 @@ class Partition:
         return f"Partition(bands={self.band_rows}, groups={self.groups}, align={self.align})"
 
 
+def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    """Output length of a conv along one axis (zero padding ``padding`` on both sides)."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
 def _split_rows(ho: int, bands: int, align: int) -> list[int]:
     """Balanced row bounds; inner bounds rounded to multiples of ``align`` when that keeps the largest band."""
     bounds = [round(ho * r / bands) for r in range(bands + 1)]
@@ -492,7 +497,7 @@ def partition(packed: StripePackedWeights, geometry: tuple, threads: int, pv: in
     if cached is not None:
         return cached
     c, h, w, kh, kw, sh, sw, ph, pw, dh, dw = geometry
-    ho, wo = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    ho, wo = output_size(h, kh, sh, ph, dh), output_size(w, kw, sw, pw, dw)
     ext_h, ext_w = dh * (kh - 1) // sh, dw * (kw - 1) // sw
     phases = {((dh * i) % sh, (dw * j) % sw) for i in range(kh) for j in range(kw)}
     planes = len(phases)
@@ -663,7 +668,7 @@ def bind(packed: StripePackedWeights, input_shape, stride=1, padding=None, dilat
     ph, pw = _pair((dh * (kh - 1) // 2, dw * (kw - 1) // 2) if padding is None else padding, "padding")
     if sh < 1 or sw < 1 or ph < 0 or pw < 0:
         raise ValueError(f"{name}: unsupported stride {stride} / padding {padding}")
-    ho, wo = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    ho, wo = output_size(h, kh, sh, ph, dh), output_size(w, kw, sw, pw, dw)
     if h + 2 * ph < dh * (kh - 1) + 1 or w + 2 * pw < dw * (kw - 1) + 1 or ho < 1 or wo < 1:
         raise ValueError(f"{name}: input {h}x{w} too small for kernel {kh}x{kw} (padding {ph, pw}, dilation {dh, dw})")
     threads = max(1, min(int(threads), info["max_threads"]))
