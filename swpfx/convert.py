@@ -154,12 +154,14 @@ def convert(
     CPU's NCHWc block (:func:`swpfx.runtime_model.channel_block`: 16 with
     AVX-512, 8 with AVX2). Use 1 to remove every dead filter that can go.
 
-    ``lowering="fused"`` (with ``threshold``) replaces every ungrouped stripe-pruned
-    conv, with the BatchNorm, residual add and ReLU after it, by one
+    ``lowering="fused"`` (with ``threshold``) replaces every ungrouped conv, with
+    the BatchNorm, residual add and ReLU after it, by one
     :class:`swpfx.kernels.fused_conv.FusedStripeConv2d`: the compiled kernel, which
-    multiplies only the kept stripes (float32 CPU inference in PyTorch; other convs
-    get the ``"auto"`` forms). Its ONNX export holds plain dense convs, so ONNX
-    Runtime gains nothing from it. Needs a C++ compiler (built on first use).
+    multiplies only the kept stripes (float32 CPU inference in PyTorch; grouped
+    convs get the ``"auto"`` forms), and runs the max pools in oneDNN
+    (:class:`swpfx.kernels.max_pool.OneDnnMaxPool2d`). Its ONNX export holds plain
+    dense convs and pools, so ONNX Runtime gains nothing from it. Needs a C++
+    compiler (built on first use).
 
     The result is in eval mode and equals the prepared model with the pruned
     skeleton entries set to zero. ``prepared`` is not modified.

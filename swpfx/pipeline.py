@@ -21,6 +21,7 @@ from swpfx.passes.fuse_stripe_convs import fuse_stripe_convs
 from swpfx.passes.graph_utils import swpfx_meta
 from swpfx.passes.lower_stripe_convs import lower_stripe_convs
 from swpfx.passes.remove_channels import remove_channels
+from swpfx.passes.replace_max_pools import replace_max_pools
 
 
 def dead_filters(gm: fx.GraphModule) -> dict[str, list[int]]:
@@ -66,9 +67,10 @@ def conversion_passes(masks: dict, lowering: str, probe: tuple, channel_multiple
         ("fold_batchnorm_into_sums", fold_batchnorm_into_sums),
         ("mark_kept_dead_filters", mark_kept_dead_filters),
     ]
-    if lowering == "fused":  # the compiled kernel where it applies, the standard forms for the rest
-        passes.append(("fuse_stripe_convs", lambda gm: fuse_stripe_convs(gm, make_fused_conv)))
+    if lowering == "fused":  # the compiled kernel for every conv it does (dense ones too), standard forms for the rest
+        passes.append(("fuse_stripe_convs", lambda gm: fuse_stripe_convs(gm, make_fused_conv, include_dense=True)))
         passes.append(("lower_stripe_convs", lambda gm: lower_stripe_convs(gm, "auto", choose_form)))
+        passes.append(("replace_max_pools", lambda gm: replace_max_pools(gm, make_onednn_max_pool)))
     elif lowering != "never":
         passes.append(("lower_stripe_convs", lambda gm: lower_stripe_convs(gm, lowering, choose_form)))
     passes.append(("eliminate_dead_code", _eliminate_dead_code))
@@ -82,6 +84,13 @@ def make_fused_conv(conv, mask, *, relu, residual, scale, shift):
     if unsupported_reason(conv) is not None:
         return None
     return FusedStripeConv2d.from_conv(conv, mask, relu=relu, residual=residual, scale=scale, shift=shift)
+
+
+def make_onednn_max_pool(pool):
+    """``replace_max_pools``' factory for fused graphs: the same pool, run by oneDNN in eager calls."""
+    from swpfx.kernels.max_pool import OneDnnMaxPool2d
+
+    return OneDnnMaxPool2d.from_pool(pool)
 
 
 def _eliminate_dead_code(gm: fx.GraphModule) -> None:

@@ -26,6 +26,8 @@ MODULES = [
     "swpfx.passes.lower_stripe_convs",
     "swpfx.passes.fuse_stripe_convs",
     "swpfx.kernels.fused_conv",
+    "swpfx.kernels.max_pool",
+    "swpfx.passes.replace_max_pools",
     "swpfx.runtime_model",
     "swpfx.timing",
     "swpfx.progress",

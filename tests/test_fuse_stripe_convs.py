@@ -18,6 +18,7 @@ from torch import fx, nn
 import swpfx
 from swpfx.kernels import fused_conv, stripe_conv
 from swpfx.kernels.fused_conv import FusedStripeConv2d
+from swpfx.kernels.max_pool import OneDnnMaxPool2d
 from swpfx.masks import random_stripe_mask, structured_stripe_mask
 from swpfx.passes.fuse_stripe_convs import fuse_stripe_convs
 from swpfx.passes.lower_stripe_convs import mark_stripe_conv
@@ -64,6 +65,23 @@ def test_pass_absorbs_batchnorm_residual_add_and_relu_exactly():
     module = gm.get_submodule("conv")
     assert isinstance(module, FusedStripeConv2d) and module.relu and module.residual
     assert torch.equal(module.mask, mask) and not hasattr(gm, "bn")
+    gm.graph.lint()
+    with torch.no_grad():
+        assert relative_error(gm(x), expected) <= REL_TOL
+
+
+@needs_kernel
+def test_pass_fuses_dense_convs_only_when_asked():
+    g = torch.Generator().manual_seed(3)
+    gm = fx.symbolic_trace(randomize_batchnorm_(Block(), g).eval())
+    x = torch.randn(2, 16, 12, 12, generator=g)
+    mark_stripe_conv(gm, "conv", torch.ones(16, 3, 3, dtype=torch.bool), example_input=x)
+    expected = gm(x)
+    assert not fuse_stripe_convs(gm, make_fused_conv).modified  # a conv keeping every stripe is left alone
+    result = fuse_stripe_convs(gm, make_fused_conv, include_dense=True)
+    module = gm.get_submodule("conv")
+    assert result.fused == {"conv": ["bn", "add", "relu"]} and isinstance(module, FusedStripeConv2d)
+    assert bool(module.mask.all())
     gm.graph.lint()
     with torch.no_grad():
         assert relative_error(gm(x), expected) <= REL_TOL
@@ -182,19 +200,19 @@ def resnet18_prepared(seed: int = 0, size: int = 64):
 
 
 @needs_kernel
-def test_convert_fused_is_exact_on_resnet18_and_fuses_every_3x3_conv():
+def test_convert_fused_is_exact_on_resnet18_and_fuses_every_conv():
     prepared, x = resnet18_prepared()
     reference = swpfx.convert(prepared, threshold=0.0, lowering="never")
     deployed = swpfx.convert(prepared, threshold=0.0, lowering="fused", runtime_model=RUNTIME_MODEL)
     fused = [m for m in deployed.modules() if isinstance(m, FusedStripeConv2d)]
-    assert len(fused) == 16  # every 3×3 conv of the residual blocks; the 7×7 stem keeps all stripes
+    # the 16 stripe-pruned 3×3 convs, and densely the 7×7 stem (it keeps all stripes here) and 3 downsample 1×1s
+    assert len(fused) == 20 and sum(bool(m.mask.all()) for m in fused) == 4
     # every block's conv1 takes its BN + ReLU; a conv2 takes BN + add + ReLU, or, where remove_channels added
-    # a dead-channel constant map (conv + ones-map conv), that sum as its residual and nothing after it
-    assert sum(m.residual for m in fused) == 8 and sum(m.relu for m in fused) >= 8
+    # a dead-channel constant map (conv + ones-map conv), that sum as its residual (either conv may take the other)
+    assert sum(m.residual for m in fused) >= 8 and sum(m.relu for m in fused) >= 9
     modules = dict(deployed.named_modules())
-    bn_inputs = [n.args[0] for n in deployed.graph.nodes
-                 if n.op == "call_module" and isinstance(modules[n.target], nn.BatchNorm2d)]
-    assert bn_inputs and not any(isinstance(modules.get(a.target), FusedStripeConv2d) for a in bn_inputs)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in modules.values())  # each folded into its conv
+    assert isinstance(deployed.get_submodule("maxpool"), OneDnnMaxPool2d)
     deployed.graph.lint()
     xb = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
@@ -233,7 +251,8 @@ def test_fused_model_exports_to_verified_onnx_and_saves(tmp_path):
     swpfx.export_onnx(deployed, (x,), tmp_path / "fused.onnx")  # verified against the model in ORT
     path = swpfx.save(deployed, tmp_path / "fused.swpfx")
     loaded = swpfx.load(path)
-    assert sum(isinstance(m, FusedStripeConv2d) for m in loaded.modules()) == 16
+    assert sum(isinstance(m, FusedStripeConv2d) for m in loaded.modules()) == 20
+    assert isinstance(loaded.get_submodule("maxpool"), OneDnnMaxPool2d)
     with torch.no_grad():
         assert torch.equal(loaded(x), deployed(x))
 

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from swpfx.kernels import stripe_conv
+from swpfx.kernels import is_traced, stripe_conv
 from swpfx.passes.count_costs import OpCall, OpCount, bias_flops, register, stripe_macs
 
 __all__ = ["FusedStripeConv2d", "kernel_applies", "unsupported_reason"]
@@ -115,9 +115,7 @@ def unsupported_reason(conv: nn.Conv2d) -> str | None:
 
 def kernel_applies(x: torch.Tensor) -> bool:
     """Whether a call on ``x`` goes to the kernel: float32 on the CPU, no autograd, not traced, kernel built."""
-    tracing = torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
-    tracing = tracing or getattr(torch.compiler, "is_exporting", lambda: False)()
-    return (not tracing and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
+    return (not is_traced() and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
             and not (torch.is_grad_enabled() and x.requires_grad) and stripe_conv.is_available(_pool()))
 
 
