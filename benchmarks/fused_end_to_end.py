@@ -4,8 +4,11 @@ Random-init torchvision models at 224², batch 1, with ``swpfx bench``'s synthet
 skeletons (``swpfx.synthetic.synthetic_skeletons_``, random and structured mask
 protocols, seed 0, threshold 0.05). Per model and protocol, timed side by side in
 one interleaved loop (``swpfx.timing.interleaved_medians``: medians of
-``--rounds`` rounds, least of ``--blocks`` blocks), ``--threads`` threads for
-torch, the kernel and ORT (spinning off):
+``--rounds`` rounds of ``--burst`` back-to-back calls each, least of ``--blocks``
+blocks), ``--threads`` threads for torch, the kernel and ORT (spinning off).
+Bursts, because torch's OpenMP threads spin after each op: an ORT call right
+after a torch one ran 10-15 % slower, which favoured the torch rows in single-call
+interleaving (RESULTS.md):
 
 - ``ORT dense``: the dense model exported with ``swpfx.export_onnx``;
 - ``ORT auto``: ``convert(..., lowering="auto")`` (the best standard-op forms) in ORT;
@@ -19,7 +22,7 @@ Realised = (ORT dense ms / model ms) / FLOP ratio, where the FLOP ratio is the d
 MACs over the model's effective MACs (``swpfx.cost``). Issue 14's target: ``torch
 fused`` realises ≥ 0.7 on random masks.
 
-    .venv/bin/python benchmarks/fused_end_to_end.py [--models resnet18 vgg16] [--rounds 30] [--blocks 3]
+    .venv/bin/python benchmarks/fused_end_to_end.py [--models resnet18 vgg16] [--rounds 8] [--burst 5] [--blocks 3]
 
 Writes ``benchmarks/results/fused_end_to_end.md``.
 """
@@ -86,7 +89,7 @@ def measure(name: str, protocol: str, args) -> list[dict]:
             "torch dense": torch_runner(model, x),
             "ORT TP": ort_runner(peer, x, folder, "tp", args.threads),
         }
-        seconds = interleaved_medians(runners, rounds=args.rounds, warmup=5, blocks=args.blocks)
+        seconds = interleaved_medians(runners, rounds=args.rounds, warmup=5, blocks=args.blocks, burst=args.burst)
     macs = {"ORT dense": dense_cost.macs, "ORT auto": auto_cost.effective_macs, "torch fused": fused_cost.effective_macs,
             "torch dense": dense_cost.macs, "ORT TP": peer_cost.macs}
     rows = []
@@ -104,7 +107,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["resnet18", "vgg16"])
     parser.add_argument("--protocols", nargs="+", default=["random", "structured"], choices=("random", "structured"))
-    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--burst", type=int, default=5)
     parser.add_argument("--blocks", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=OUT)
@@ -119,7 +123,7 @@ def main(argv=None) -> int:
     lines = [
         "# `convert(lowering=\"fused\")` end to end (issue 14)", "",
         f"Command: `.venv/bin/python benchmarks/fused_end_to_end.py --models {' '.join(args.models)} "
-        f"--rounds {args.rounds} --blocks {args.blocks}` ({(time.time() - started) / 60:.1f} min; load average "
+        f"--rounds {args.rounds} --burst {args.burst} --blocks {args.blocks}` ({(time.time() - started) / 60:.1f} min; load average "
         f"{load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after)", "",
         f"- machine: {swpfx.runtime_model.machine_key()}; kernel ISA {info['isa']}; {args.threads} threads for torch, "
         "the kernel and ORT (spinning off); batch 1, 224², random init, synthetic skeletons (seed 0, threshold 0.05)",

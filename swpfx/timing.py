@@ -25,8 +25,15 @@ from swpfx.export import ort_session
 
 
 def interleaved_medians(callables: dict[str, Callable[[], object]], rounds: int = 100, warmup: int = 5,
-                        blocks: int = 1) -> dict[str, float]:
-    """Seconds per call of each callable: interleaved rounds, median per block, minimum over blocks."""
+                        blocks: int = 1, burst: int = 1) -> dict[str, float]:
+    """Seconds per call of each callable: interleaved rounds, median per block, minimum over blocks.
+
+    Each round runs every callable ``burst`` times back to back (order reversed
+    every other round). ``burst > 1`` is for callables on different runtimes:
+    PyTorch's OpenMP threads spin for a while after each op, and an ONNX Runtime
+    call right after one ran 10-15 % slower (RESULTS.md); in a burst only the
+    first call pays that, and the median ignores it.
+    """
     names = list(callables)
     for _ in range(warmup):
         for name in names:
@@ -36,9 +43,10 @@ def interleaved_medians(callables: dict[str, Callable[[], object]], rounds: int 
         times: dict[str, list[float]] = {name: [] for name in names}
         for r in range(rounds):
             for name in (names if r % 2 == 0 else names[::-1]):
-                t0 = time.perf_counter()
-                callables[name]()
-                times[name].append(time.perf_counter() - t0)
+                for _ in range(burst):
+                    t0 = time.perf_counter()
+                    callables[name]()
+                    times[name].append(time.perf_counter() - t0)
         for name, ts in times.items():
             best[name] = min(best[name], statistics.median(ts))
     return best

@@ -154,6 +154,21 @@ def test_module_refuses_what_the_kernel_does_not_do():
 
 
 @needs_kernel
+def test_kernel_call_checks_the_residual_and_casts_the_bias():
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    mask = random_stripe_mask(8, 3, 3, dead=0.0, generator=torch.Generator().manual_seed(6))
+    fused = FusedStripeConv2d.from_conv(conv, mask, residual=True)
+    x = torch.randn(1, 8, 5, 5)
+    with torch.no_grad(), pytest.raises(ValueError, match="residual must be float32 on the CPU of shape \\(1, 8, 5, 5\\)"):
+        fused(x, torch.randn(1, 8, 5, 4))  # a wrong residual never reaches the kernel's raw pointers
+    fused.bias = fused.bias.double()  # a bias of another dtype is cast, not read as float32 bytes
+    residual = torch.randn(1, 8, 5, 5)
+    with torch.no_grad():
+        expected = F.conv2d(x, conv.weight * mask[:, None], conv.bias, padding=1) + residual
+        assert relative_error(fused(x, residual), expected) <= REL_TOL
+
+
+@needs_kernel
 def test_packing_is_kept_until_the_weight_changes(monkeypatch):
     calls = []
     pack = stripe_conv.pack_weights

@@ -77,9 +77,19 @@ def _pool() -> str:
 
 def _run_kernel(x, weight, mask, bias, residual, stride, padding, dilation, relu: bool, threads: int) -> torch.Tensor:
     call = _bound_call(weight, mask, x.shape, stride, padding, dilation, relu, threads)
-    out = call(x.detach().contiguous().numpy(), None if bias is None else bias.detach().numpy(),
-               None if residual is None else residual.detach().contiguous().numpy())
-    return torch.from_numpy(out)
+    call.wake()
+    x = x.detach().contiguous()
+    if bias is not None:
+        bias = bias.detach().to(torch.float32).contiguous()
+    if residual is not None:
+        if residual.shape != call.output_shape or residual.dtype != torch.float32 or residual.device.type != "cpu":
+            raise ValueError(f"swpfx.FusedStripeConv2d: the residual must be float32 on the CPU of shape "
+                             f"{tuple(call.output_shape)}, got {residual.dtype} {tuple(residual.shape)}")
+        residual = residual.detach().contiguous()
+    out = torch.empty(call.output_shape)  # torch's CPU allocator aligns to 64 bytes, as the kernel prefers
+    call.run_addresses(x.data_ptr(), out.data_ptr(), None if bias is None else bias.data_ptr(),
+                       None if residual is None else residual.data_ptr())
+    return out
 
 
 def _output_shape(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> tuple[int, ...]:

@@ -625,9 +625,8 @@ class BoundStripeConv:
 
     def __call__(self, x: np.ndarray, bias: np.ndarray | None = None, residual: np.ndarray | None = None,
                  out: np.ndarray | None = None) -> np.ndarray:
-        lib, name = self._lib, "swpfx.kernels.stripe_conv.stripe_conv2d"
-        if self.threads > 1:
-            lib.swp_pool_wake(self.threads)  # the workers wake while the arguments are checked
+        name = "swpfx.kernels.stripe_conv.stripe_conv2d"
+        self.wake()  # the workers wake while the arguments are checked
         if x.shape != self.input_shape or x.dtype != np.float32 or not x.flags.c_contiguous:
             raise ValueError(f"{name}: x must be contiguous float32 {self.input_shape}, got {x.dtype} {x.shape}")
         if bias is not None and bias.size != self.output_shape[1]:
@@ -639,11 +638,20 @@ class BoundStripeConv:
             out = _empty_aligned(self.output_shape)
         elif out.shape != self.output_shape or out.dtype != np.float32 or not out.flags.c_contiguous:
             raise ValueError(f"{name}: out must be contiguous float32 {self.output_shape}")
-        code = lib.swp_plan_run(self._plan.handle, x.ctypes.data, self.input_shape[0], out.ctypes.data, _addr(bias),
-                                _addr(residual), int(self.relu))
-        if code != 0:
-            raise RuntimeError(f"{name}: kernel rejected its arguments (code {code})")
+        self.run_addresses(x.ctypes.data, out.ctypes.data, _addr(bias), _addr(residual))
         return out
+
+    def wake(self) -> None:
+        """Wake the pool's workers ahead of a call (they spin briefly, then sleep)."""
+        if self.threads > 1:
+            self._lib.swp_pool_wake(self.threads)
+
+    def run_addresses(self, x: int, out: int, bias: int | None = None, residual: int | None = None) -> None:
+        """The kernel call on raw data addresses, unchecked: for callers that have done ``__call__``'s checks
+        themselves (``swpfx.kernels.fused_conv`` on torch tensors, where numpy's views cost ~10 us a call)."""
+        code = self._lib.swp_plan_run(self._plan.handle, x, self.input_shape[0], out, bias, residual, int(self.relu))
+        if code != 0:
+            raise RuntimeError(f"swpfx.kernels.stripe_conv.stripe_conv2d: kernel rejected its arguments (code {code})")
 
 
 def bind(packed: StripePackedWeights, input_shape, stride=1, padding=None, dilation=1, *, relu: bool = False,
