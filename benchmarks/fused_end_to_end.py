@@ -127,8 +127,8 @@ def main(argv=None) -> int:
         f"{load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after)", "",
         f"- machine: {swpfx.runtime_model.machine_key()}; kernel ISA {info['isa']}; {args.threads} threads for torch, "
         "the kernel and ORT (spinning off); batch 1, 224², random init, synthetic skeletons (seed 0, threshold 0.05)",
-        f"- `OMP_WAIT_POLICY`: {os.environ.get('OMP_WAIT_POLICY', 'unset')} (unset: torch's OpenMP threads spin after "
-        "each op, on the cores the kernel's pool is about to use)",
+        f"- `OMP_WAIT_POLICY`: {os.environ.get('OMP_WAIT_POLICY', 'unset')} (unset: torch's OpenMP threads, which "
+        "the fused convs run on too, spin after each op; hence the bursts)",
         "- realised = (ORT dense ms / ms) / FLOP ratio; FLOP ratio = dense MACs / effective MACs (`swpfx.cost`)",
         f"- ORT TP: Torch-Pruning `round_to={channel_block()}` at the fused model's effective MACs", "",
         "| model | masks | runner | ms | FLOP ratio | speed-up vs ORT dense | realised | max rel. err (fused vs masked) |",
