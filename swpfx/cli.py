@@ -179,10 +179,13 @@ def run_bench(spec: str, shape, protocol="random", batch=1, threshold=0.05, lowe
 
     from swpfx.convert import convert
     from swpfx.cost import conv_decisions, cost
-    from swpfx.timing import latencies, op_times
+    from swpfx.timing import latencies, op_times, torch_and_ort_latencies
     from swpfx.export import export_onnx
     from swpfx.synthetic import synthetic_skeletons_
 
+    if lowering == "fused" and (profile or latency_target is not None):
+        raise UsageError("--lowering fused runs the converted model in PyTorch: it takes neither --profile (an ONNX "
+                         "Runtime profile) nor --latency-target")
     torch.set_num_threads(threads)
     model = load_model(spec)
     x = example_input(model, bench_shape(shape, batch), spec)
@@ -203,7 +206,11 @@ def run_bench(spec: str, shape, protocol="random", batch=1, threshold=0.05, lowe
         paths = {"dense": dense_file.path, "converted": pruned_file.path}
         if peer is not None:
             paths["torch-pruning"] = export_onnx(peer["model"], (x,), folder / "torch_pruning.onnx").path
-        times = latencies(paths, (x,), threads=threads, rounds=repeats, blocks=3)
+        if lowering == "fused":  # the fused kernel runs in PyTorch; the reference stays ORT's dense model
+            times = torch_and_ort_latencies({"converted": deployed}, {"dense": paths["dense"]}, (x,), threads=threads,
+                                            rounds=max(1, repeats // 5), burst=5, blocks=3)
+        else:
+            times = latencies(paths, (x,), threads=threads, rounds=repeats, blocks=3)
         profiles = {}
         if profile:  # after timing: the profiler slows every node a little
             profiles = {name: op_times(path, (x,), threads=threads, rounds=repeats) for name, path in paths.items()}
@@ -214,18 +221,22 @@ def run_bench(spec: str, shape, protocol="random", batch=1, threshold=0.05, lowe
     if latency_target is not None:
         how = (f"latency_target {latency_target} ({cut['granularity']} order): predicted latency ratio "
                f"{cut['latency_ratio']:.3f}, measured {times['converted'] / times['dense']:.3f}")
+    fused = lowering == "fused"
+    timing = ("ms (dense: ORT, converted: PyTorch with the fused kernel; min of 3 medians of %d runs in bursts of 5)"
+              % (5 * max(1, repeats // 5)) if fused else "ORT ms (min of 3 medians of %d)" % repeats)
     lines = [
         f"### swpfx bench {spec}: protocol {protocol}, input {','.join(map(str, x.shape))}, {how}",
         "",
-        "| model | FLOPs executed | FLOPs effective | params | ORT ms (min of 3 medians of %d) |" % repeats,
+        f"| model | FLOPs executed | FLOPs effective | params | {timing} |",
         "|---|---|---|---|---|",
         _bench_row("dense", dense_cost, times["dense"]),
         _bench_row("converted", pruned_cost, times["converted"]),
         "",
-        f"{flop_ratios(dense_cost, pruned_cost, speedup)}, ORT speed-up {speedup:.2f}×; "
+        f"{flop_ratios(dense_cost, pruned_cost, speedup)}, "
+        f"{'speed-up over ORT dense' if fused else 'ORT speed-up'} {speedup:.2f}×; "
         f"ONNX max relative error dense {dense_file.max_rel_error:.1e}, converted {pruned_file.max_rel_error:.1e}; "
         f"per-conv decisions: {dict(sorted(forms.items())) or 'none'} ({sum(forms.values())} convs); "
-        f"ORT {threads} intra-op threads, runs interleaved.",
+        f"ORT {threads} intra-op threads{f' and torch {threads} threads' if fused else ''}, runs interleaved.",
         "Executed FLOPs: what the converted graph runs; effective FLOPs: kept stripes only (the SWP paper's count). "
         "Realised fraction = ORT speed-up / FLOP ratio.",
     ]
@@ -397,8 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="synthetic mask protocol (default: random)")
     bench.add_argument("--batch", type=_positive_int, default=1, help="batch size (default: 1)")
     bench.add_argument("--threshold", type=_non_negative, default=0.05, help="skeleton threshold (default: 0.05)")
-    bench.add_argument("--lowering", choices=("auto", "always", "never"), default="auto",
-                       help="swpfx.convert lowering mode (default: auto)")
+    bench.add_argument("--lowering", choices=("auto", "always", "never", "fused"), default="auto",
+                       help="swpfx.convert lowering mode (default: auto); fused runs the converted model in PyTorch "
+                            "with the compiled stripe kernel, timed against ORT's dense model")
     bench.add_argument("--repeats", type=_positive_int, default=50,
                        help="interleaved timing rounds; medians are reported (default: 50)")
     bench.add_argument("--seed", type=int, default=0, help="mask seed (default: 0)")

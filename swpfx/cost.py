@@ -289,7 +289,7 @@ def cost(model: nn.Module, example_inputs, leaf_modules=()) -> CostReport:
 
 
 def conv_decisions(model: fx.GraphModule) -> dict[str, str]:
-    """How each pruned conv of a converted model runs: ``"dense"`` or its lowering form.
+    """How each pruned conv of a converted model runs: ``"dense"``, its lowering form or ``"fused"``.
 
     One entry per conv call, keyed by the conv node's name; the many nodes of a
     lowered conv count once.
@@ -315,6 +315,8 @@ def conv_decisions(model: fx.GraphModule) -> dict[str, str]:
             decisions.setdefault(instance, meta.get("lowering", "lowered"))
         elif meta.get("role") == "conv" and isinstance(meta.get("mask"), torch.Tensor):
             decisions[node.name] = meta.get("lowering", "dense")
+        elif meta.get("role") == "fused_conv":  # lowering="fused": the compiled kernel (dense convs too)
+            decisions[meta.get("conv", node.name)] = "fused"
     return decisions
 
 

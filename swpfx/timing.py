@@ -79,6 +79,39 @@ def ort_latency_ms(paths: dict, x: torch.Tensor, rounds: int = 100, warmup: int 
     return {name: 1e3 * t for name, t in time_sessions(sessions, x, rounds=rounds, warmup=warmup).items()}
 
 
+def torch_and_ort_latencies(torch_models: dict, onnx_paths: dict, example_inputs, threads: int = 2, rounds: int = 10,
+                            burst: int = 5, blocks: int = 3) -> dict[str, float]:
+    """Milliseconds per run of PyTorch models (eager, ``no_grad``) and ONNX files in ORT, side by side in bursts.
+
+    For comparing a model deployed in PyTorch (``convert(lowering="fused")``) with
+    ORT: ``burst`` back-to-back calls per turn (:func:`interleaved_medians`), as
+    torch's OpenMP threads spin after each op and slow an ORT call that follows
+    at once. Names must differ between the two dicts.
+    """
+    from swpfx.tracing import normalize_example_inputs
+
+    inputs = normalize_example_inputs(example_inputs)
+    if set(torch_models) & set(onnx_paths):
+        raise ValueError(f"swpfx.timing: names used twice: {sorted(set(torch_models) & set(onnx_paths))}")
+    runners = {}
+    for name, model in torch_models.items():
+        def run(model=model):
+            with torch.no_grad():
+                return model(*inputs)
+        runners[name] = run
+    for name, path in onnx_paths.items():
+        session = ort_session(path, threads)
+        feed = {i.name: x.detach().cpu().numpy() for i, x in zip(session.get_inputs(), inputs)}
+        runners[name] = lambda session=session, feed=feed: session.run(None, feed)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        seconds = interleaved_medians(runners, rounds=rounds, warmup=5, blocks=blocks, burst=burst)
+        return {name: s * 1e3 for name, s in seconds.items()}
+    finally:
+        torch.set_num_threads(previous)
+
+
 def latencies(models: dict, example_inputs, threads: int = 2, rounds: int = 50, warmup: int = 5,
               blocks: int = 3) -> dict[str, float]:
     """Measured ONNX Runtime milliseconds per run of each model on ``example_inputs``, timed side by side.

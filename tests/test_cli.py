@@ -11,6 +11,7 @@ import textwrap
 import pytest
 
 from swpfx.cli import main, parse_shape
+from swpfx.kernels import stripe_conv
 
 DEMO_NET = "swpfx.demo:demo_cnn"
 
@@ -78,6 +79,19 @@ def test_bench_success(capsys, tmp_path):
     assert (tmp_path / "dense.onnx").exists() and (tmp_path / "pruned.onnx").exists()
 
 
+@pytest.mark.skipif(not stripe_conv.is_available(), reason="fused stripe kernel unavailable: "
+                    f"{stripe_conv.unavailable_reason()}")
+def test_bench_fused_times_the_pytorch_model_against_ort_dense(capsys):
+    code, out, err = run(capsys, "bench", DEMO_NET, "--input", "1,28,28", "--batch", "2", "--protocol",
+                         "random", "--repeats", "5", "--lowering", "fused")
+    assert code == 0, err
+    assert "converted: PyTorch with the fused kernel" in out and "speed-up over ORT dense" in out
+    decisions = ast.literal_eval(re.search(r"per-conv decisions: (\{.*?\})", out).group(1))
+    assert decisions == {"fused": 4}  # the demo net's 4 convs, each one kernel call
+    dense_ms, fused_ms = (float(v) for v in re.findall(r"^\| (?:dense|converted) \|.*\| ([\d.]+) \|$", out, re.M))
+    assert dense_ms > 0 and fused_ms > 0
+
+
 def test_bench_profile_prints_ort_time_per_op_type(capsys):
     code, out, err = run(capsys, "bench", DEMO_NET, "--input", "1,28,28", "--batch", "2", "--protocol",
                          "structured", "--repeats", "3", "--lowering", "always", "--profile")
@@ -97,6 +111,7 @@ def test_bench_profile_prints_ort_time_per_op_type(capsys):
     (["cost", "swpfx.demo:no_such_factory"], "has no callable"),
     (["cost", DEMO_NET, "--input", "1,3,28,28"], "cannot run on an input of shape 1,3,28,28"),
     (["bench", DEMO_NET, "--input", "1,2,3,28,28"], "3 (C,H,W) or 4 (N,C,H,W)"),
+    (["bench", DEMO_NET, "--input", "1,28,28", "--lowering", "fused", "--profile"], "takes neither --profile"),
 ])
 def test_usage_errors_exit_2_without_traceback(capsys, argv, needle):
     code, out, err = run(capsys, *argv)

@@ -161,7 +161,7 @@ def test_kernel_call_checks_the_residual_and_casts_the_bias():
     x = torch.randn(1, 8, 5, 5)
     with torch.no_grad(), pytest.raises(ValueError, match="residual must be float32 on the CPU of shape \\(1, 8, 5, 5\\)"):
         fused(x, torch.randn(1, 8, 5, 4))  # a wrong residual never reaches the kernel's raw pointers
-    fused.bias = fused.bias.double()  # a bias of another dtype is cast, not read as float32 bytes
+    fused.bias = nn.Parameter(fused.bias.double(), requires_grad=False)  # cast, not read as float32 bytes
     residual = torch.randn(1, 8, 5, 5)
     with torch.no_grad():
         expected = F.conv2d(x, conv.weight * mask[:, None], conv.bias, padding=1) + residual
@@ -280,6 +280,8 @@ def test_cost_counts_only_the_kept_stripes():
     report = swpfx.cost(gm, (x,))
     row = next(r for r in report.rows if r.op == "FusedStripeConv2d")
     assert row.macs == row.effective_macs == 2 * 12 * 12 * 16 * int(mask.sum())
+    assert row.params == 16 * 16 * 9 + 16  # weight and (folded BatchNorm) bias are the model's parameters
+    assert report.params == expected.params - 16  # the BatchNorm's weight and bias (2 x 16) became one bias
     assert report.effective_macs == expected.effective_macs
 
 

@@ -129,11 +129,17 @@ def kernel_applies(x: torch.Tensor) -> bool:
             and not (torch.is_grad_enabled() and x.requires_grad) and stripe_conv.is_available(_pool()))
 
 
+def _frozen(t: torch.Tensor) -> nn.Parameter:
+    """A parameter that takes no gradient: counted as the model's weights, never trained here."""
+    return nn.Parameter(t, requires_grad=False)
+
+
 class FusedStripeConv2d(nn.Module):
     """``act(conv(x) + residual)`` for a stripe-pruned conv, run by the fused kernel (see the module docstring).
 
-    Holds ``weight`` (O, C, Kh, Kw, pruned stripes zero), ``mask`` (bool (O, Kh,
-    Kw), the kept stripes) and ``bias`` as buffers: it is an inference module.
+    Holds ``weight`` (O, C, Kh, Kw, pruned stripes zero) and ``bias`` as parameters
+    that take no gradient (it is an inference module; they count as the model's
+    parameters) and ``mask`` (bool (O, Kh, Kw), the kept stripes) as a buffer.
     ``forward(x)`` or, with ``residual=True``, ``forward(x, residual)``.
     ``threads``: the kernel's threads (on torch's OpenMP threads where the
     OpenMP build compiles, else the kernel's own pool); 0, the default, takes
@@ -148,9 +154,9 @@ class FusedStripeConv2d(nn.Module):
         self.kernel_size, self.stride = pair(kernel_size), pair(stride)
         self.padding, self.dilation = pair(padding), pair(dilation)
         self.relu, self.residual, self.threads = bool(relu), bool(residual), int(threads)
-        self.register_buffer("weight", torch.zeros(out_channels, in_channels, *self.kernel_size))
+        self.weight = _frozen(torch.zeros(out_channels, in_channels, *self.kernel_size))
         self.register_buffer("mask", torch.zeros(out_channels, *self.kernel_size, dtype=torch.bool))
-        self.register_buffer("bias", torch.zeros(out_channels) if bias else None)
+        self.bias = _frozen(torch.zeros(out_channels)) if bias else None
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, mask: torch.Tensor, *, relu: bool = False, residual: bool = False,
@@ -172,10 +178,10 @@ class FusedStripeConv2d(nn.Module):
                 bias = bias * scale
             if shift is not None:
                 bias = bias + shift
-            fused.weight = weight.float().contiguous().to(conv.weight.device)
+            fused.weight = _frozen(weight.float().contiguous().to(conv.weight.device))
             fused.mask = mask.to(torch.bool).clone().to(conv.weight.device)
             if has_bias:
-                fused.bias = bias.float().to(conv.weight.device)
+                fused.bias = _frozen(bias.float().to(conv.weight.device))
         return fused
 
     def extra_repr(self) -> str:
