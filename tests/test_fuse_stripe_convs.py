@@ -23,6 +23,7 @@ from swpfx.masks import random_stripe_mask, structured_stripe_mask
 from swpfx.passes.fuse_stripe_convs import fuse_stripe_convs
 from swpfx.passes.lower_stripe_convs import mark_stripe_conv
 from swpfx.pipeline import make_fused_conv
+from swpfx.synthetic import synthetic_skeletons_
 
 from helpers import RUNTIME_MODEL, randomize_batchnorm_, relative_error
 
@@ -232,6 +233,28 @@ def test_convert_fused_is_exact_on_resnet18_and_fuses_every_conv():
     xb = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         assert relative_error(deployed(xb), reference(xb)) <= REL_TOL
+
+
+@needs_kernel
+@pytest.mark.parametrize("name", ["mobilenet_v2", "googlenet", "squeezenet1_0"])
+def test_convert_fused_is_exact_on_1x1_grouped_and_concat_networks(name):
+    """Dense 1×1 convs fused with their BN, depthwise convs left to the standard forms, concats of fused outputs."""
+    g = torch.Generator().manual_seed(7)
+    extra = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
+    model = randomize_batchnorm_(getattr(torchvision.models, name)(num_classes=10, **extra), g)
+    x = torch.randn(2, 3, 64, 64, generator=g)
+    prepared = swpfx.prepare(model, (x[:1],))
+    synthetic_skeletons_(prepared, protocol="random", threshold=0.05, seed=3)
+    reference = swpfx.convert(prepared, threshold=0.05, lowering="never")
+    deployed = swpfx.convert(prepared, threshold=0.05, lowering="fused", runtime_model=RUNTIME_MODEL)
+    fused = [m for m in deployed.modules() if isinstance(m, FusedStripeConv2d)]
+    grouped = [m for m in deployed.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    assert fused and not any(m.kernel_size == (1, 1) for m in deployed.modules() if isinstance(m, nn.Conv2d)
+                             and m.groups == 1 and m.in_channels > 1)  # every ungrouped 1×1 is fused
+    assert (name == "mobilenet_v2") == bool(grouped)
+    deployed.graph.lint()
+    with torch.no_grad():
+        assert relative_error(deployed(x), reference(x)) <= REL_TOL
 
 
 @needs_kernel
