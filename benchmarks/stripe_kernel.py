@@ -184,8 +184,10 @@ def measure(name, c, o, h, stride, protocol, threads, args) -> dict:
     out = np.empty((1, o, ho, ho), np.float32)
     bn = bias.numpy()
 
+    bound = stripe_conv.bind(packed, xn.shape, stride, 1, threads=threads, pool=args.pool)
+
     def run_kernel():
-        return stripe_conv.stripe_conv2d(xn, packed, bn, stride=stride, padding=1, threads=threads, out=out)
+        return bound(xn, bn, out=out)
 
     got = run_kernel()
     err = 0.0
@@ -206,7 +208,7 @@ def measure(name, c, o, h, stride, protocol, threads, args) -> dict:
         reference = "ort"
     t_ort, t_kernel = time_all([runs[reference], run_kernel], args.rounds, args.blocks)
     times[reference] = t_ort
-    info = stripe_conv.kernel_info()
+    info = stripe_conv.kernel_info(args.pool)
     part = stripe_conv.partition(packed, (c, h, h, 3, 3, stride, stride, 1, 1, 1, 1), threads, info["default_pv"],
                                  info["vector_width"], l2_bytes=info["l2_bytes"])
     dense_macs = o * c * 9 * ho * ho
@@ -249,15 +251,18 @@ def main(argv=None) -> int:
     ap.add_argument("--max-load", type=float, default=1.5, help="wait while the 1-min load average is above this")
     ap.add_argument("--max-waits", type=int, default=3)
     ap.add_argument("--wait-s", type=float, default=120.0)
+    ap.add_argument("--pool", choices=stripe_conv.POOLS, default="own",
+                    help="kernel build: its own thread pool (default) or the OpenMP one FusedStripeConv2d uses "
+                         "(then nothing is pinned: OpenMP's threads would inherit the caller's one CPU)")
     ap.add_argument("--no-pin", action="store_true",
                     help="do not pin the caller to one CPU and a second ORT session's workers to the others")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
 
-    if not stripe_conv.is_available():
-        print(f"fused stripe kernel unavailable: {stripe_conv.unavailable_reason()}", file=sys.stderr)
+    if not stripe_conv.is_available(args.pool):
+        print(f"fused stripe kernel unavailable: {stripe_conv.unavailable_reason(args.pool)}", file=sys.stderr)
         return 1
-    info = stripe_conv.kernel_info()
+    info = stripe_conv.kernel_info(args.pool)
     waits = wait_for_load(args.max_load, args.max_waits, args.wait_s)
     torch.set_num_threads(max(args.threads))
     # Pin this (the calling) thread to one CPU, after the kernel's pool has seen the process's CPUs; ORT gets a
@@ -265,7 +270,7 @@ def main(argv=None) -> int:
     # reference (the kernel pins its own workers away from the caller's CPU; ORT's default session does not).
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     args.pin_cpus = None
-    if not args.no_pin and len(cpus) >= max(args.threads) > 1:
+    if not args.no_pin and args.pool == "own" and len(cpus) >= max(args.threads) > 1:
         probe = stripe_conv.pack_weights(torch.ones(4, 4, 3, 3), torch.ones(4, 3, 3, dtype=torch.bool))
         stripe_conv.stripe_conv2d(np.ones((1, 4, 8, 8), np.float32), probe, threads=max(args.threads))
         os.sched_setaffinity(0, {cpus[0]})
@@ -283,7 +288,9 @@ def main(argv=None) -> int:
     minutes = (time.time() - started) / 60
 
     command = (f".venv/bin/python benchmarks/stripe_kernel.py --rounds {args.rounds} --blocks {args.blocks} "
-               f"--threads {' '.join(map(str, args.threads))}{' --no-stride2' if args.no_stride2 else ''}")
+               f"--threads {' '.join(map(str, args.threads))}{' --no-stride2' if args.no_stride2 else ''}"
+               f"{f' --pool {args.pool}' if args.pool != 'own' else ''}"
+               f"{f' --out {args.out}' if args.out != RESULTS else ''}")
     lines = [
         "# Fused stripe kernel vs ONNX Runtime dense conv (issue 14 go/no-go)",
         "",
@@ -295,11 +302,16 @@ def main(argv=None) -> int:
         f"- ONNX Runtime {onnxruntime.__version__} (CPUExecutionProvider, ORT_ENABLE_ALL, allow_spinning=0); "
         f"torch {torch.__version__}",
         f"- threads: ORT intra-op threads = kernel threads; batch 1; masks seeded {args.seed}",
+        *([f"- `OMP_WAIT_POLICY`: {os.environ.get('OMP_WAIT_POLICY', 'unset')} (the OpenMP build's threads are "
+           "torch's; unset, they spin after each call on the cores ORT runs on next, which slowed ORT's dense conv "
+           "1.6-1.8x here; PASSIVE makes them sleep, and the kernel pays their wake-up on every call)"]
+          if args.pool == "openmp" else []),
         ("- placement: the calling thread pinned to CPU "
          f"{args.pin_cpus[0]}; ORT timed twice at >1 thread, its default session (workers unpinned) and one with "
          "`session.intra_op_thread_affinities` (workers on the other CPUs), the two timed against each other; the "
          "faster is the reference, the ms shown for it are from its own loop with the kernel"
-         if args.pin_cpus else "- placement: nothing pinned by the benchmark (the kernel pins its own workers)"),
+         if args.pin_cpus else "- placement: nothing pinned by the benchmark (the own pool pins its workers; OpenMP's threads are "
+         "placed by the OS)"),
         f"- `uptime` before: `{up_start}`",
         f"- `uptime` after: `{up_end}`",
     ]
