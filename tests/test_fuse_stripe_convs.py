@@ -162,6 +162,9 @@ def test_kernel_call_checks_the_residual_and_casts_the_bias():
     x = torch.randn(1, 8, 5, 5)
     with torch.no_grad(), pytest.raises(ValueError, match="residual must be float32 on the CPU of shape \\(1, 8, 5, 5\\)"):
         fused(x, torch.randn(1, 8, 5, 4))  # a wrong residual never reaches the kernel's raw pointers
+    args = (fused.weight, fused.mask, fused.bias, None, [1, 1], [1, 1], [1, 1], False, 1)
+    with pytest.raises(ValueError, match="takes float32 CPU input, got torch.float64"):
+        torch.ops.swpfx.stripe_conv2d(x.double(), *args)  # the registered op, called directly
     fused.bias = nn.Parameter(fused.bias.double(), requires_grad=False)  # cast, not read as float32 bytes
     residual = torch.randn(1, 8, 5, 5)
     with torch.no_grad():

@@ -76,6 +76,8 @@ def _pool() -> str:
 
 
 def _run_kernel(x, weight, mask, bias, residual, stride, padding, dilation, relu: bool, threads: int) -> torch.Tensor:
+    if x.dtype != torch.float32 or x.device.type != "cpu":  # the kernel reads raw float32 memory
+        raise ValueError(f"swpfx.FusedStripeConv2d: the kernel takes float32 CPU input, got {x.dtype} on {x.device}")
     call = _bound_call(weight, mask, x.shape, stride, padding, dilation, relu, threads)
     call.wake()
     x = x.detach().contiguous()
