@@ -3,7 +3,7 @@
 Random-init torchvision models at 224², batch 1, with ``swpfx bench``'s synthetic
 skeletons (``swpfx.synthetic.synthetic_skeletons_``, random and structured mask
 protocols, seed 0, threshold 0.05). Per model and protocol, timed side by side in
-one interleaved loop (``swpfx.timing.interleaved_medians``: medians of
+one interleaved loop (``swpfx.timing.torch_and_ort_latencies``: medians of
 ``--rounds`` rounds of ``--burst`` back-to-back calls each, least of ``--blocks``
 blocks), ``--threads`` threads for torch, the kernel and ORT (spinning off).
 Bursts, because torch's OpenMP threads spin after each op: an ORT call right
@@ -13,7 +13,7 @@ interleaving (RESULTS.md):
 - ``ORT dense``: the dense model exported with ``swpfx.export_onnx``;
 - ``ORT auto``: ``convert(..., lowering="auto")`` (the best standard-op forms) in ORT;
 - ``torch fused``: ``convert(..., lowering="fused")`` run by PyTorch (the kernel for every
-  ungrouped stripe conv, with its BatchNorm, residual add and ReLU);
+  ungrouped conv, with its BatchNorm, residual add and ReLU; max pools in oneDNN);
 - ``torch dense``: the dense model in PyTorch eager, for scale;
 - ``ORT TP``: Torch-Pruning (``round_to`` = the channel block, its best setting here)
   pruned to the fused model's effective MACs (mildest 1/64 knob at or below them), in ORT.
@@ -45,23 +45,9 @@ from swpfx.kernels import stripe_conv
 from swpfx.peers import mildest_meeting, torch_pruning_prune
 from swpfx.runtime_model import channel_block
 from swpfx.synthetic import synthetic_skeletons_
-from swpfx.timing import interleaved_medians
+from swpfx.timing import torch_and_ort_latencies
 
 OUT = Path(__file__).parent / "results" / "fused_end_to_end.md"
-
-
-def ort_runner(model, x, folder: Path, name: str, threads: int):
-    path = swpfx.export_onnx(model, (x,), folder / f"{name}.onnx").path
-    session = swpfx.export.ort_session(path, threads)
-    feed = {session.get_inputs()[0].name: x.numpy()}
-    return lambda: session.run(None, feed)
-
-
-def torch_runner(model, x):
-    def run():
-        with torch.no_grad():
-            return model(x)
-    return run
 
 
 def measure(name: str, protocol: str, args) -> list[dict]:
@@ -81,24 +67,19 @@ def measure(name: str, protocol: str, args) -> list[dict]:
                             lambda m: cost(m, (x,)).macs / dense_cost.macs, target)
     peer, peer_cost = found["model"], cost(found["model"], (x,))
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        runners = {
-            "ORT dense": ort_runner(model, x, folder, "dense", args.threads),
-            "ORT auto": ort_runner(auto, x, folder, "auto", args.threads),
-            "torch fused": torch_runner(fused, x),
-            "torch dense": torch_runner(model, x),
-            "ORT TP": ort_runner(peer, x, folder, "tp", args.threads),
-        }
-        seconds = interleaved_medians(runners, rounds=args.rounds, warmup=5, blocks=args.blocks, burst=args.burst)
+        onnx = {key: swpfx.export_onnx(m, (x,), Path(tmp) / f"{i}.onnx").path
+                for i, (key, m) in enumerate([("ORT dense", model), ("ORT auto", auto), ("ORT TP", peer)])}
+        ms = torch_and_ort_latencies({"torch fused": fused, "torch dense": model}, onnx, (x,), threads=args.threads,
+                                     rounds=args.rounds, burst=args.burst, blocks=args.blocks)
     macs = {"ORT dense": dense_cost.macs, "ORT auto": auto_cost.effective_macs, "torch fused": fused_cost.effective_macs,
             "torch dense": dense_cost.macs, "ORT TP": peer_cost.macs}
     rows = []
-    for key, s in seconds.items():
+    for key in macs:  # table order
         ratio = dense_cost.macs / macs[key]
-        speedup = seconds["ORT dense"] / s
-        rows.append({"model": name, "protocol": protocol, "runner": key, "ms": s * 1e3, "flop_ratio": ratio,
+        speedup = ms["ORT dense"] / ms[key]
+        rows.append({"model": name, "protocol": protocol, "runner": key, "ms": ms[key], "flop_ratio": ratio,
                      "speedup": speedup, "realised": speedup / ratio, "error": error if key == "torch fused" else None})
-        print(f"{name} {protocol:10s} {key:12s} {s * 1e3:8.2f} ms  FLOP ratio {ratio:.2f}  speed-up {speedup:.2f}  "
+        print(f"{name} {protocol:10s} {key:12s} {ms[key]:8.2f} ms  FLOP ratio {ratio:.2f}  speed-up {speedup:.2f}  "
               f"realised {speedup / ratio:.2f}", flush=True)
     return rows
 

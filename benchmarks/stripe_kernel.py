@@ -303,15 +303,15 @@ def main(argv=None) -> int:
         f"torch {torch.__version__}",
         f"- threads: ORT intra-op threads = kernel threads; batch 1; masks seeded {args.seed}",
         *([f"- `OMP_WAIT_POLICY`: {os.environ.get('OMP_WAIT_POLICY', 'unset')} (the OpenMP build's threads are "
-           "torch's; unset, they spin after each call on the cores ORT runs on next, which slowed ORT's dense conv "
-           "1.6-1.8x here; PASSIVE makes them sleep, and the kernel pays their wake-up on every call)"]
+           "torch's; unset, they spin after each call on the cores ORT runs on next and slow it (1.6-1.8x on the "
+           "EPYC of 2026-12-03, RESULTS.md); PASSIVE makes them sleep, and the kernel pays their wake-up every call)"]
           if args.pool == "openmp" else []),
         ("- placement: the calling thread pinned to CPU "
          f"{args.pin_cpus[0]}; ORT timed twice at >1 thread, its default session (workers unpinned) and one with "
          "`session.intra_op_thread_affinities` (workers on the other CPUs), the two timed against each other; the "
          "faster is the reference, the ms shown for it are from its own loop with the kernel"
-         if args.pin_cpus else "- placement: nothing pinned by the benchmark (the own pool pins its workers; OpenMP's threads are "
-         "placed by the OS)"),
+         if args.pin_cpus else "- placement: nothing pinned by the benchmark (the own pool pins its workers; "
+         "OpenMP's threads are placed by the OS)"),
         f"- `uptime` before: `{up_start}`",
         f"- `uptime` after: `{up_end}`",
     ]

@@ -52,7 +52,7 @@ def replace_max_pools(gm: fx.GraphModule, make_pool: PoolFactory) -> ReplaceMaxP
     A pool module called from several nodes gets one new module per node, so no
     node's module changes behind another's back.
     """
-    result, shared = ReplaceMaxPoolsResult(gm, modified=False), set()
+    result = ReplaceMaxPoolsResult(gm, modified=False)
     for node in [n for n in gm.graph.nodes if _is_max_pool_call(gm, n)]:
         pool = gm.get_submodule(node.target)
         module = make_pool(pool)
@@ -62,19 +62,13 @@ def replace_max_pools(gm: fx.GraphModule, make_pool: PoolFactory) -> ReplaceMaxP
         if not isinstance(module, nn.Module):
             raise pass_error(PASS, node, f"make_pool returned {type(module).__name__}, not an nn.Module or None",
                              TypeError)
-        if used_once(gm, node.target):
-            name = node.target
-        else:
-            shared.add(node.target)
-            name = unique_attr_name(gm, node.target + "_replaced")
+        # a shared pool's last caller takes the old name (replacing the old module); the others get new names
+        name = node.target if used_once(gm, node.target) else unique_attr_name(gm, node.target + "_replaced")
         gm.add_submodule(name, module)
         node.target = name
         swpfx_meta(node)["replaced_max_pool"] = type(module).__name__
         result.replaced.append(node.name)
         result.modified = True
-    for target in shared:  # a shared pool whose every caller now has its own module
-        if not any(n.op == "call_module" and n.target == target for n in gm.graph.nodes):
-            gm.delete_submodule(target)
     gm.graph.lint()
     gm.recompile()
     return result

@@ -161,6 +161,9 @@ def bench_shape(shape: tuple[int, ...] | None, batch: int) -> tuple[int, ...]:
     raise UsageError(f"--input must have 3 (C,H,W) or 4 (N,C,H,W) dimensions, got {','.join(map(str, shape))}")
 
 
+BURST = 5  # bench --lowering fused: back-to-back calls per turn (swpfx.timing.torch_and_ort_latencies)
+
+
 def run_bench(spec: str, shape, protocol="random", batch=1, threshold=0.05, lowering="auto", repeats=50, seed=0,
               threads=2, keep_dir=None, latency_target=None, profile=False) -> str:
     """Dense vs converted ONNX Runtime latency for ``spec`` with synthetic skeletons; a markdown section.
@@ -208,7 +211,7 @@ def run_bench(spec: str, shape, protocol="random", batch=1, threshold=0.05, lowe
             paths["torch-pruning"] = export_onnx(peer["model"], (x,), folder / "torch_pruning.onnx").path
         if lowering == "fused":  # the fused kernel runs in PyTorch; the reference stays ORT's dense model
             times = torch_and_ort_latencies({"converted": deployed}, {"dense": paths["dense"]}, (x,), threads=threads,
-                                            rounds=max(1, repeats // 5), burst=5, blocks=3)
+                                            rounds=max(1, repeats // BURST), burst=BURST, blocks=3)
         else:
             times = latencies(paths, (x,), threads=threads, rounds=repeats, blocks=3)
         profiles = {}
@@ -222,8 +225,9 @@ def run_bench(spec: str, shape, protocol="random", batch=1, threshold=0.05, lowe
         how = (f"latency_target {latency_target} ({cut['granularity']} order): predicted latency ratio "
                f"{cut['latency_ratio']:.3f}, measured {times['converted'] / times['dense']:.3f}")
     fused = lowering == "fused"
-    timing = ("ms (dense: ORT, converted: PyTorch with the fused kernel; min of 3 medians of %d runs in bursts of 5)"
-              % (5 * max(1, repeats // 5)) if fused else "ORT ms (min of 3 medians of %d)" % repeats)
+    timing = (f"ms (dense: ORT, converted: PyTorch with the fused kernel; min of 3 medians of "
+              f"{BURST * max(1, repeats // BURST)} runs in bursts of {BURST})" if fused
+              else f"ORT ms (min of 3 medians of {repeats})")
     lines = [
         f"### swpfx bench {spec}: protocol {protocol}, input {','.join(map(str, x.shape))}, {how}",
         "",

@@ -53,8 +53,11 @@ def interleaved_medians(callables: dict[str, Callable[[], object]], rounds: int 
 
 
 def session_runner(session, x) -> Callable[[], object]:
-    """A no-argument call running the ORT ``session`` on ``x`` (fed to its first input)."""
-    feed = {session.get_inputs()[0].name: x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x}
+    """A no-argument call running the ORT ``session`` on ``x``: one input (tensor or array) or a tuple of them,
+    fed to the session's inputs in order."""
+    inputs = x if isinstance(x, tuple) else (x,)
+    feed = {i.name: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v
+            for i, v in zip(session.get_inputs(), inputs)}
     return lambda: session.run(None, feed)
 
 
@@ -100,9 +103,7 @@ def torch_and_ort_latencies(torch_models: dict, onnx_paths: dict, example_inputs
                 return model(*inputs)
         runners[name] = run
     for name, path in onnx_paths.items():
-        session = ort_session(path, threads)
-        feed = {i.name: x.detach().cpu().numpy() for i, x in zip(session.get_inputs(), inputs)}
-        runners[name] = lambda session=session, feed=feed: session.run(None, feed)
+        runners[name] = session_runner(ort_session(path, threads), inputs)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -138,10 +139,7 @@ def latencies(models: dict, example_inputs, threads: int = 2, rounds: int = 50, 
             if isinstance(model, nn.Module):
                 path = export_onnx(model, inputs, Path(directory) / f"model{i}.onnx").path
             sessions[name] = ort_session(path, threads)
-        feeds = {}
-        for name, session in sessions.items():
-            feeds[name] = {i.name: x.detach().cpu().numpy() for i, x in zip(session.get_inputs(), inputs)}
-        runners = {name: (lambda s=sessions[name], f=feeds[name]: s.run(None, f)) for name in sessions}
+        runners = {name: session_runner(session, inputs) for name, session in sessions.items()}
         seconds = interleaved_medians(runners, rounds=rounds, warmup=warmup, blocks=blocks)
     return {name: 1e3 * t for name, t in seconds.items()}
 

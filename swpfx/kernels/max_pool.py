@@ -51,7 +51,6 @@ class OneDnnMaxPool2d(nn.MaxPool2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not onednn_applies(self, x):
             return super().forward(x)
-        stride = self.stride if self.stride is not None else self.kernel_size
-        pooled = torch.mkldnn_max_pool2d(x.contiguous().to_mkldnn(), _pair(self.kernel_size), _pair(stride),
+        pooled = torch.mkldnn_max_pool2d(x.contiguous().to_mkldnn(), _pair(self.kernel_size), _pair(self.stride),
                                          _pair(self.padding), [1, 1], self.ceil_mode)
         return pooled.to_dense()

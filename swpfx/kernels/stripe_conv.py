@@ -15,8 +15,9 @@ on a busy machine. A second build, ``pool="openmp"`` (``-fopenmp``), runs the sa
 work items on the process's OpenMP threads instead; loaded after torch it binds
 torch's libgomp, so inside a torch model the kernel and torch's ops share one
 pool (what ``swpfx.kernels.fused_conv`` uses). The two builds give identical results.
-The output is partitioned into row bands x filter groups (:func:`partition`); each thread packs only the input rows of its own bands into
-its own buffer and stores its own outputs, so threads share no accumulator, no
+The output is partitioned into row bands x filter groups (:func:`partition`); each
+thread packs only the input rows of its own bands into its own buffer and stores
+its own outputs, so threads share no accumulator, no
 input copy and no barrier. With "same"-style padding the packed rows hold only
 the real input columns and the taps that reach into the padding mask those
 lanes, so no output is computed and discarded (``SWPFX_KERNEL_PADDED_ROWS=1``
@@ -629,8 +630,10 @@ class BoundStripeConv:
         self.wake()  # the workers wake while the arguments are checked
         if x.shape != self.input_shape or x.dtype != np.float32 or not x.flags.c_contiguous:
             raise ValueError(f"{name}: x must be contiguous float32 {self.input_shape}, got {x.dtype} {x.shape}")
-        if bias is not None and bias.size != self.output_shape[1]:
-            raise ValueError(f"{name}: bias has {bias.size} values, expected {self.output_shape[1]}")
+        if bias is not None and (bias.size != self.output_shape[1] or bias.dtype != np.float32
+                                 or not bias.flags.c_contiguous):
+            raise ValueError(f"{name}: bias must be contiguous float32 with {self.output_shape[1]} values, "
+                             f"got {bias.dtype} with {bias.size}")
         if residual is not None and (residual.size != math.prod(self.output_shape) or residual.dtype != np.float32
                                      or not residual.flags.c_contiguous):
             raise ValueError(f"{name}: residual must be contiguous float32 of {self.output_shape}")
