@@ -13,7 +13,7 @@ interleaving (RESULTS.md):
 - ``ORT dense``: the dense model exported with ``swpfx.export_onnx``;
 - ``ORT auto``: ``convert(..., lowering="auto")`` (the best standard-op forms) in ORT;
 - ``torch fused``: ``convert(..., lowering="fused")`` run by PyTorch (the kernel for every
-  ungrouped conv, with its BatchNorm, residual add and ReLU; max pools in oneDNN);
+  ungrouped conv, with its BatchNorm, residual add and ReLU; max pools on the compiled pool);
 - ``torch dense``: the dense model in PyTorch eager, for scale;
 - ``ORT TP``: Torch-Pruning (``round_to`` = the channel block, its best setting here)
   pruned to the fused model's effective MACs (mildest 1/64 knob at or below them), in ORT.

@@ -14,6 +14,13 @@ built subgraph executes:
 ``ops``
     the number of graph ops (per call, not per sample);
 
+and, for ``fused`` (``lowering="fused"``: the compiled stripe kernel, which runs
+dense convs too), ``fused_macs`` (the kept stripes' MACs, all it multiplies),
+``fused_in_elems`` (input elements it packs), ``fused_out_elems`` (output
+elements it stores, twice with a fused residual add) and ``fused_calls``;
+``taps`` (filters keeping each kernel tap), ``pixels`` (output pixels) and
+``strided`` say how the kernel tiles the work, which ``swpfx.fused_runtime_model`` prices;
+
 and three entries that are not amounts but decide how ONNX Runtime lays the work
 out, which ``swpfx.runtime_model`` prices: ``gemms``, ``(filters, MACs)`` of
 each GEMM-like conv of an ungrouped conv's form (ORT's blocked kernel reuses each
@@ -52,7 +59,8 @@ import torch
 from .stripe_geometry import DEFAULT_MIN_GROUP, ConvGeometry, box_area, box_groups, stripe_count_buckets
 
 WORK_KINDS = ("conv_macs", "onehot_macs", "onehot_groups", "copy_elems", "ops")
-MAC_KINDS = ("conv_macs", "onehot_macs")
+FUSED_KINDS = ("fused_macs", "fused_in_elems", "fused_out_elems", "fused_calls")
+MAC_KINDS = ("conv_macs", "onehot_macs", "fused_macs")
 BOX_MIN_GROUPS = (8, 16, 32)  # the boxes partitions a form chooser tries
 
 
@@ -178,10 +186,37 @@ def shift_work(geometry: ConvGeometry, mask: torch.Tensor) -> dict:
     return work
 
 
+def fused_work(geometry: ConvGeometry, mask: torch.Tensor | None, residual: bool = False) -> dict:
+    """The compiled kernel's work: only kept stripes are multiplied; ``residual``: it also reads a residual.
+
+    >>> from torch import nn
+    >>> g = ConvGeometry.of(nn.Conv2d(16, 32, 3, padding=1), (1, 16, 8, 8))
+    >>> m = torch.zeros(32, 3, 3, dtype=torch.bool); m[:, 1, 1] = True; m[:4, 0, 0] = True
+    >>> w = fused_work(g, m); w["fused_macs"], w["taps"], w["pixels"]
+    (36864, (4, 0, 0, 0, 32, 0, 0, 0, 0), 64)
+    """
+    if geometry.groups != 1:
+        raise ValueError(f"form_work: the fused kernel does ungrouped convs, got groups={geometry.groups}")
+    h, w, ho, wo = _spatial(geometry)
+    kh, kw = geometry.kernel
+    if mask is None:
+        mask = torch.ones(geometry.out_channels, kh, kw, dtype=torch.bool)
+    taps = mask.to(torch.bool).reshape(mask.shape[0], -1).sum(0)
+    out_elems = geometry.out_channels * ho * wo
+    return {"fused_macs": geometry.in_channels * int(taps.sum()) * ho * wo,
+            "fused_in_elems": geometry.in_channels * h * w,
+            "fused_out_elems": out_elems * (2 if residual else 1), "fused_calls": 1,
+            "taps": tuple(int(t) for t in taps), "pixels": ho * wo, "strided": geometry.stride != (1, 1),
+            "layout": layout(geometry)}
+
+
 def form_work(geometry: ConvGeometry, mask: torch.Tensor | None, form: str, **options) -> dict:
-    """Per-sample work of ``form`` (``"dense"`` or a lowering) with ``options`` (``min_group``, ``align`` for boxes)."""
+    """Per-sample work of ``form`` (``"dense"``, a lowering or ``"fused"``) with ``options`` (``min_group``,
+    ``align`` for boxes; ``residual`` for fused)."""
     if form == "dense":
         return dense_work(geometry)
+    if form == "fused":
+        return fused_work(geometry, mask, options.get("residual", False))
     if form == "boxes":
         return boxes_work(geometry, mask, options.get("min_group", DEFAULT_MIN_GROUP), options.get("align", 1))
     if form == "onehot":

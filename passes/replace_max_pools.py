@@ -1,6 +1,6 @@
 """Replace the graph's ``nn.MaxPool2d`` calls by modules an injected factory builds (same arithmetic, faster).
 
-In ``swpfx`` the factory builds ``swpfx.kernels.max_pool.OneDnnMaxPool2d`` for
+In ``swpfx`` the factory builds ``swpfx.kernels.max_pool.CompiledMaxPool2d`` for
 ``convert(lowering="fused")``, whose graphs run in PyTorch: its own NCHW max pool
 is the slowest op left there. The pass is a plain graph edit: each
 ``call_module`` of an ``nn.MaxPool2d`` (of exactly that type) gets a new module of

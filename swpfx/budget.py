@@ -381,9 +381,10 @@ def masks_for_latency_target(prepared: fx.GraphModule, latency_target: float, lo
                              runtime_model, channel_multiple: int, scope: str = DEFAULT_SCOPE,
                              orders=LATENCY_ORDERS, batch: int = 1, sticky_zeros: bool = True,
                              mixes: int = DEFAULT_MIXES, blocks: bool = True):
-    """The cut of greatest kept importance whose predicted ORT latency is ≤ ``latency_target`` × dense.
+    """The cut of greatest kept importance whose predicted latency is ≤ ``latency_target`` × dense.
 
-    Latency is predicted for runs of ``batch`` samples. For each order of
+    Latency is ``runtime_model``'s (ONNX Runtime's, or PyTorch's with the fused
+    kernel for ``lowering="fused"``), predicted for runs of ``batch`` samples. For each order of
     ``orders`` the smallest count meeting the target is found by bisection on
     the runtime model's prediction of the converted graph. With ``blocks``,
     channel blocks are also removed greedily, one layer group at a time
@@ -399,7 +400,7 @@ def masks_for_latency_target(prepared: fx.GraphModule, latency_target: float, lo
     """
     check_fraction("latency_target", latency_target)
     if lowering == "never":
-        raise ValueError("swpfx.convert: latency_target needs lowering='auto' (the runtime model picks the forms)")
+        raise ValueError("swpfx.convert: latency_target needs lowering='auto' or 'fused' (the runtime model picks the forms)")
     estimator = ConversionEstimate(prepared, probe, lowering, channel_multiple, runtime_model, batch=batch)
     scores = importance_scores(prepared, scope)
     dense_estimate = estimator.estimate({n: torch.ones_like(s, dtype=torch.bool) for n, s in scores.items()})

@@ -186,9 +186,10 @@ def run_bench(spec: str, shape, protocol="random", batch=1, threshold=0.05, lowe
     from swpfx.export import export_onnx
     from swpfx.synthetic import synthetic_skeletons_
 
-    if lowering == "fused" and (profile or latency_target is not None):
-        raise UsageError("--lowering fused runs the converted model in PyTorch: it takes neither --profile (an ONNX "
-                         "Runtime profile) nor --latency-target")
+    if lowering == "fused" and profile:
+        raise UsageError("--lowering fused runs the converted model in PyTorch: it takes no --profile (an ONNX "
+                         "Runtime profile)")
+    fused = lowering == "fused"
     torch.set_num_threads(threads)
     model = load_model(spec)
     x = example_input(model, bench_shape(shape, batch), spec)
@@ -197,11 +198,18 @@ def run_bench(spec: str, shape, protocol="random", batch=1, threshold=0.05, lowe
         raise UsageError(f"model {spec!r} has no Conv2d that swpfx can prune")
     synthetic_skeletons_(prepared, protocol=protocol, threshold=threshold, seed=seed)
     if latency_target is not None:
-        deployed = convert(prepared, latency_target=latency_target, example_inputs=(x,))
+        deployed = convert(prepared, latency_target=latency_target, lowering="fused" if fused else "auto",
+                           example_inputs=(x,))
     else:
         deployed = convert(prepared, threshold=threshold, lowering=lowering, example_inputs=(x,))
     dense_cost, pruned_cost = cost(model, (x,)), cost(deployed, (x,))
-    peer = peer_at_latency(model, x, deployed.meta["swpfx"]["cut"]["latency_ratio"]) if latency_target else None
+    peer = peer_at_latency(model, x, deployed.meta["swpfx"]["cut"]["latency_ratio"]) \
+        if latency_target and not fused else None
+    # a fused latency target is a fraction of the dense model run the same way: every conv on the kernel
+    torch_models = {"converted": deployed}
+    if fused and latency_target is not None:
+        torch_models["dense fused"] = convert(swpfx.prepare(model, (x,)), threshold=0.0, lowering="fused",
+                                              example_inputs=(x,))
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(keep_dir) if keep_dir else Path(tmp)
         dense_file = export_onnx(model, (x,), folder / "dense.onnx")
@@ -209,8 +217,8 @@ def run_bench(spec: str, shape, protocol="random", batch=1, threshold=0.05, lowe
         paths = {"dense": dense_file.path, "converted": pruned_file.path}
         if peer is not None:
             paths["torch-pruning"] = export_onnx(peer["model"], (x,), folder / "torch_pruning.onnx").path
-        if lowering == "fused":  # the fused kernel runs in PyTorch; the reference stays ORT's dense model
-            times = torch_and_ort_latencies({"converted": deployed}, {"dense": paths["dense"]}, (x,), threads=threads,
+        if fused:  # the fused kernel runs in PyTorch; the reference stays ORT's dense model
+            times = torch_and_ort_latencies(torch_models, {"dense": paths["dense"]}, (x,), threads=threads,
                                             rounds=max(1, repeats // BURST), burst=BURST, blocks=3)
         else:
             times = latencies(paths, (x,), threads=threads, rounds=repeats, blocks=3)
@@ -222,9 +230,10 @@ def run_bench(spec: str, shape, protocol="random", batch=1, threshold=0.05, lowe
     cut = deployed.meta["swpfx"]["cut"]
     how = f"threshold {threshold}, lowering {lowering}"
     if latency_target is not None:
+        reference = "dense fused" if fused else "dense"
         how = (f"latency_target {latency_target} ({cut['granularity']} order): predicted latency ratio "
-               f"{cut['latency_ratio']:.3f}, measured {times['converted'] / times['dense']:.3f}")
-    fused = lowering == "fused"
+               f"{cut['latency_ratio']:.3f}, measured {times['converted'] / times[reference]:.3f}"
+               f"{' (of the dense model with every conv on the kernel, in PyTorch)' if fused else ''}")
     timing = (f"ms (dense: ORT, converted: PyTorch with the fused kernel; min of 3 medians of "
               f"{BURST * max(1, repeats // BURST)} runs in bursts of {BURST})" if fused
               else f"ORT ms (min of 3 medians of {repeats})")
@@ -235,6 +244,7 @@ def run_bench(spec: str, shape, protocol="random", batch=1, threshold=0.05, lowe
         "|---|---|---|---|---|",
         _bench_row("dense", dense_cost, times["dense"]),
         _bench_row("converted", pruned_cost, times["converted"]),
+        *([_bench_row("dense fused", dense_cost, times["dense fused"])] if "dense fused" in times else []),
         "",
         f"{flop_ratios(dense_cost, pruned_cost, speedup)}, "
         f"{'speed-up over ORT dense' if fused else 'ORT speed-up'} {speedup:.2f}×; "
@@ -334,6 +344,8 @@ def cmd_calibrate(args) -> int:
 
     from tabulate import tabulate
 
+    if args.fused:
+        return _calibrate_fused(args)
     from swpfx.runtime_model import (CALIBRATION_SHAPES, DENSE_CALIBRATION_SHAPES, ELEMENTWISE_CALIBRATION,
                                      cache_path, calibrate, channel_block, machine_key)
 
@@ -348,6 +360,31 @@ def cmd_calibrate(args) -> int:
     print(tabulate([[k, f"{v:.3e}"] for k, v in model.coefficients.items()], headers=["work", "seconds per unit"]))
     print(f"fitted on {len(shapes)} conv shapes × 2 mask protocols, {len(dense_shapes)} dense-only shapes and "
           f"{len(chains)} chains of elementwise ops in {time.perf_counter() - start:.0f} s; saved to {path}")
+    return 0
+
+
+def _calibrate_fused(args) -> int:
+    import time
+
+    import torch
+    from tabulate import tabulate
+
+    from swpfx import fused_runtime_model as frm
+    from swpfx.kernels import stripe_conv
+
+    if not stripe_conv.is_available():
+        raise RuntimeError(f"the stripe kernel is unavailable here ({stripe_conv.unavailable_reason()})")
+    torch.set_num_threads(args.threads)
+    path = args.out or frm.cache_path()
+    shapes = frm.CALIBRATION_SHAPES[::3] if args.quick else frm.CALIBRATION_SHAPES
+    graphs = () if args.quick else frm.GRAPH_PROTOCOLS
+    start = time.perf_counter()
+    model = frm.calibrate(cache=path, shapes=shapes, rounds=args.rounds, progress=not args.no_progress,
+                          graphs=graphs)
+    print(tabulate([[k, f"{v:.3e}"] for k, v in model.coefficients.items()], headers=["work", "seconds per unit"]))
+    print(f"fitted the fused kernel's runtime model ({model.lanes} lanes, register block {model.register_block}) "
+          f"on {len(shapes)} conv shapes and {len(graphs)} whole ResNet-18s in {time.perf_counter() - start:.0f} s, "
+          f"torch {args.threads} threads; saved to {path}")
     return 0
 
 
@@ -421,8 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=_positive_int, default=2, help="ORT intra-op and torch threads (default: 2)")
     bench.add_argument("--keep", default=None, metavar="DIR", help="keep the two ONNX files in DIR")
     bench.add_argument("--latency-target", type=_fraction, default=None, metavar="T",
-                       help="convert with latency_target=T (predicted ORT latency ≤ T × dense; calibrates this "
-                            "machine on first use) instead of --threshold")
+                       help="convert with latency_target=T (predicted ORT latency ≤ T × dense, or with --lowering "
+                            "fused PyTorch latency ≤ T × the dense model on the kernel; calibrates this machine on "
+                            "first use) instead of --threshold")
     bench.add_argument("--profile", action="store_true",
                        help="also print ONNX Runtime's time per op type for each model (its profiler)")
     bench.set_defaults(func=cmd_bench)
@@ -436,6 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--rounds", type=_positive_int, default=20, help="interleaved timing rounds per block (default: 20)")
     cal.add_argument("--threads", type=_positive_int, default=2, help="ORT intra-op threads (default: 2)")
     cal.add_argument("--quick", action="store_true", help="three shapes only: a smoke run, not a calibration")
+    cal.add_argument("--fused", action="store_true",
+                     help="fit the fused kernel's runtime model instead (PyTorch latency of lowering='fused'; "
+                          "about 15 s; torch threads from --threads)")
     cal.add_argument("--no-progress", action="store_true", help="no progress bar")
     cal.set_defaults(func=cmd_calibrate)
     return parser

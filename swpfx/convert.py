@@ -84,7 +84,7 @@ def _check_args(threshold, flops_target, latency_target, lowering, channel_multi
     if len(given) > 1:
         raise ValueError(f"swpfx.convert: {' and '.join(given)} are mutually exclusive; pass one")
     if lowering == "fused":
-        _check_fused(flops_target, latency_target)
+        _check_fused()
     if flops_target is not None or latency_target is not None:
         return None  # the budget checks its own target
     threshold = DEFAULT_THRESHOLD if threshold is None else threshold
@@ -93,10 +93,7 @@ def _check_args(threshold, flops_target, latency_target, lowering, channel_multi
     return float(threshold)
 
 
-def _check_fused(flops_target, latency_target) -> None:
-    if flops_target is not None or latency_target is not None:
-        raise ValueError("swpfx.convert: lowering='fused' takes a threshold; flops_target and latency_target price "
-                         "ONNX Runtime's forms, and the fused kernel runs in PyTorch")
+def _check_fused() -> None:
     from swpfx.kernels import stripe_conv
 
     if not stripe_conv.is_available():
@@ -152,16 +149,20 @@ def convert(
     keeps a multiple of that many output channels (or all of them): ONNX Runtime's
     CPU convs are markedly slower on other channel counts. The default is this
     CPU's NCHWc block (:func:`swpfx.runtime_model.channel_block`: 16 with
-    AVX-512, 8 with AVX2). Use 1 to remove every dead filter that can go.
+    AVX-512, 8 with AVX2), and 1 with ``lowering="fused"``. Use 1 to remove every
+    dead filter that can go.
 
-    ``lowering="fused"`` (with ``threshold``) replaces every ungrouped conv, with
-    the BatchNorm, residual add and ReLU after it, by one
+    ``lowering="fused"`` replaces every ungrouped conv, with the BatchNorm,
+    residual add and ReLU after it, by one
     :class:`swpfx.kernels.fused_conv.FusedStripeConv2d`: the compiled kernel, which
     multiplies only the kept stripes (float32 CPU inference in PyTorch; grouped
-    convs get the ``"auto"`` forms), and runs the max pools in oneDNN
-    (:class:`swpfx.kernels.max_pool.OneDnnMaxPool2d`). Its ONNX export holds plain
-    dense convs and pools, so ONNX Runtime gains nothing from it. Needs a C++
-    compiler (built on first use).
+    convs stay dense), and runs the max pools on the compiled pool
+    (:class:`swpfx.kernels.max_pool.CompiledMaxPool2d`). With ``latency_target``
+    latency is then PyTorch's, predicted by
+    :class:`swpfx.fused_runtime_model.FusedRuntimeModel` (calibrated here on first
+    use, about 15 s), as a fraction of the dense model run the same way. Its ONNX
+    export holds plain dense convs and pools, so ONNX Runtime gains nothing from
+    it. Needs a C++ compiler (built on first use).
 
     The result is in eval mode and equals the prepared model with the pruned
     skeleton entries set to zero. ``prepared`` is not modified.
@@ -179,13 +180,17 @@ def convert(
     _require_prepared(prepared, "convert")
     from swpfx.runtime_model import channel_block, default_runtime_model
 
-    if channel_multiple is None:
-        channel_multiple = channel_block()
+    if channel_multiple is None:  # ORT's NCHWc block; the fused kernel has no channel alignment to keep
+        channel_multiple = 1 if lowering == "fused" else channel_block()
     threshold = _check_args(threshold, flops_target, latency_target, lowering, channel_multiple, granularity)
     check_skeletons(prepared)
     inputs = example_inputs_for(prepared, example_inputs)
     probe, batch = probe_and_batch(inputs)
-    if runtime_model is None and lowering != "never":
+    if runtime_model is None and lowering == "fused":
+        from swpfx.fused_runtime_model import default_fused_runtime_model
+
+        runtime_model = default_fused_runtime_model(calibrate_if_missing=latency_target is not None)
+    elif runtime_model is None and lowering != "never":
         runtime_model = default_runtime_model(calibrate_if_missing=latency_target is not None)
     if latency_target is not None:
         masks, cut = masks_for_latency_target(prepared, latency_target, lowering, probe, runtime_model,

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -37,6 +38,7 @@ from swpfx.passes.channel_rules import kept_groups
 from swpfx.passes.count_costs import lowered_instance
 from swpfx.passes.fold_skeletons import fold_skeletons
 from swpfx.passes.form_work import dense_work, executed_macs, form_work
+from swpfx.passes.fuse_stripe_convs import Absorbed, absorbed_followers
 from swpfx.passes.graph_utils import swpfx_meta
 from swpfx.passes.lower_stripe_convs import channelwise_followers, is_lowerable, takes_any_order, used_once
 from swpfx.passes.remove_channels import (constant_sources, dense_input_weight, has_zero_padding, keep_indices,
@@ -49,14 +51,40 @@ COMPUTE = ("call_module", "call_function", "call_method")
 FORMS_TAKING_FOLLOWERS = ("dense", "boxes", "onehot")  # shift leaves BatchNorm/ReLU after its sums
 
 
+def _elems(node) -> int:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return math.prod(meta.shape) if hasattr(meta, "shape") else 0
+
+
 def node_work(node: fx.Node) -> dict:
-    """Work of a graph op other than a conv or Linear: one op writing its output (0 elements if not a tensor).
+    """Work of a graph op other than a conv or Linear: one op writing its output (0 elements if not a tensor),
+    and ``reads``, the elements of its tensor inputs.
 
     Its own kinds (``graph_ops``, ``graph_elems``), not a lowered form's ``ops`` and ``copy_elems``: a residual
     add or a reshape costs ORT a few microseconds, a lowered form's extra op far more (calibrated apart).
+    ``reads`` is not an ORT amount (its elementwise ops cost by what they write); in PyTorch a pool that reads
+    four times what it writes costs by what it reads (``swpfx.fused_runtime_model``).
     """
-    meta = node.meta.get("tensor_meta")
-    return {"graph_elems": math.prod(meta.shape) if hasattr(meta, "shape") else 0, "graph_ops": 1}
+    reads = _elems(node) if node.target is operator.getitem else sum(_elems(a) for a in node.all_input_nodes)
+    work = {"graph_elems": _elems(node), "graph_ops": 1, "reads": reads}  # indexing reads what it returns
+    window = _pool_window(node)
+    if window:  # a pool's reads are its windows'
+        work["reads"], work["pool"] = work["graph_elems"] * window, True
+    return work
+
+
+def _pool_window(node: fx.Node) -> int:
+    """Elements in a pooling module's window (0 if ``node`` is no pooling module call); an adaptive pool's is the
+    input's size over the output's."""
+    if node.op != "call_module" or node.graph.owning_module is None:
+        return 0
+    module = node.graph.owning_module.get_submodule(node.target)
+    if isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
+        return math.prod(nn.modules.utils._pair(module.kernel_size))
+    if isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
+        out = _elems(node)
+        return max(1, sum(_elems(a) for a in node.all_input_nodes) // out) if out else 0
+    return 0
 
 
 def fused_followers(gm: fx.GraphModule, convs) -> set[fx.Node]:
@@ -65,18 +93,20 @@ def fused_followers(gm: fx.GraphModule, convs) -> set[fx.Node]:
 
 
 def predict_graph(gm: fx.GraphModule, runtime_model, batch: int | None = None) -> float:
-    """Predicted ORT seconds of a converted graph at ``batch`` samples per run (default: the shapes ShapeProp
+    """Predicted seconds of a converted graph at ``batch`` samples per run (default: the shapes ShapeProp
     recorded), the runtime model node by node.
 
-    Each lowered conv is priced by the work its lowering recorded, every other
-    conv by its dense work, a Linear by its MACs, any other op by
-    :func:`node_work`; BatchNorm/ReLU fused into a dense conv cost nothing; the
-    session run itself once (``runtime_model.ONE_RUN``).
+    Each lowered conv is priced by the work its lowering recorded, a fused conv
+    (``lowering="fused"``) by the kernel's work, every other conv by its dense
+    work, a Linear by its MACs, any other op by :func:`node_work`; in ORT
+    (a model without ``runs_in_torch``) BatchNorm/ReLU fused into a dense conv
+    cost nothing; the run itself once (``runtime_model.ONE_RUN``).
     :class:`ConversionEstimate` predicts the same number before building.
     """
+    fuses = not getattr(runtime_model, "runs_in_torch", False)
     dense_convs = [n for n in gm.graph.nodes if n.op == "call_module" and swpfx_meta(n).get("role") != "lowered_conv"
                    and isinstance(gm.get_submodule(n.target), nn.Conv2d)]
-    fused = fused_followers(gm, dense_convs)
+    fused = fused_followers(gm, dense_convs) if fuses else set()
     placeholder = next((n for n in gm.graph.nodes if n.op == "placeholder"), None)
     recorded = _batch(placeholder) if placeholder is not None else 1
     batch = recorded if batch is None else batch
@@ -87,7 +117,11 @@ def predict_graph(gm: fx.GraphModule, runtime_model, batch: int | None = None) -
             continue
         meta = swpfx_meta(node)
         module = gm.get_submodule(node.target) if node.op == "call_module" else None
-        if meta.get("role") == "lowered_conv":
+        if meta.get("role") == "fused_conv":
+            shape = node.args[0].meta["tensor_meta"].shape
+            work = form_work(ConvGeometry.of(module, shape), module.mask, "fused", residual=module.residual)
+            seconds += runtime_model.predict(work, batch)
+        elif meta.get("role") == "lowered_conv":
             key = lowered_instance(node)
             if key not in lowered:
                 lowered.add(key)
@@ -144,6 +178,7 @@ class _ConvSite:
     constants: torch.Tensor | None = None  # per input channel: its value if every producer were dead
     position_dependent: bool = False  # a removed input's constant needs the ones-map conv
     ones_map_work: dict = field(default_factory=dict)  # the ones map's ops before the conv (slice, ones, chain)
+    absorbed: Absorbed | None = None  # lowering="fused": what the kernel's call takes over (None: not fused)
 
 
 def _mask_after_removal(mask: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
@@ -195,6 +230,7 @@ class ConversionEstimate:
         self.probe_batch = max(next((x.shape[0] for x in probe if isinstance(x, torch.Tensor) and x.dim()), 1), 1)
         self.sources, self.unfoldable = constant_sources(gm, self.analysis)
         self.convs: list[_ConvSite] = []
+        self.absorbable: list[fx.Node] = []
         self.linears: list[tuple[fx.Node, nn.Linear]] = []
         self.others: list[fx.Node] = []
         for node in gm.graph.nodes:
@@ -210,10 +246,29 @@ class ConversionEstimate:
             elif node.op in COMPUTE:
                 self.others.append(node)
         followers = {f for site in self.convs for f in site.followers}
+        if lowering == "fused":
+            followers |= self._mark_fused()
         self.others = [n for n in self.others if n not in followers]
         self._capture_dead_constants(probe)
 
     # ------------------------------------------------------------ set-up
+
+    def _mark_fused(self) -> set[fx.Node]:
+        """lowering="fused": give each conv the kernel takes what its call could absorb; returns those nodes.
+
+        Which conv absorbs a residual add depends on the masks (:meth:`_absorb`): the nodes no conv takes are
+        priced on their own (``self.absorbable``, in graph order).
+        """
+        from swpfx.kernels.fused_conv import unsupported_reason  # loaded only when fusing
+
+        absorbed = {}
+        for site in self.convs:
+            if site.name in self.full and unsupported_reason(site.module) is None:
+                site.absorbed = absorbed_followers(self.gm, site.node)
+                absorbed.update(dict.fromkeys(site.absorbed.nodes))
+        self.absorbable = [n for n in absorbed if not (n.op == "call_module" and
+                                                       isinstance(self.gm.get_submodule(n.target), nn.BatchNorm2d))]
+        return set(absorbed)
 
     def _capture_dead_constants(self, probe: tuple) -> None:
         """Every channel's value at each consumer's constant source when all its producers are dead.
@@ -249,7 +304,9 @@ class ConversionEstimate:
                 site.position_dependent = bool(chain) or has_zero_padding(site.module)
                 # the ones map: base[:, :1] (a slice), ones_like, then the chain's ops, one channel each
                 spatial = [math.prod(n.meta["tensor_meta"].shape[2:]) for n in (base, base, *chain)]
-                site.ones_map_work = {"graph_elems": sum(spatial), "graph_ops": len(spatial)}
+                # each reads the one before (the slice reads what it returns)
+                site.ones_map_work = {"graph_elems": sum(spatial), "graph_ops": len(spatial),
+                                      "reads": spatial[0] + sum(spatial[:-1])}
 
     # ------------------------------------------------------------ estimate
 
@@ -268,8 +325,12 @@ class ConversionEstimate:
     def estimate(self, masks: dict[str, torch.Tensor]) -> Estimate:
         keep = self.keep(masks)
         result = Estimate(0, self._per_sample(ONE_RUN))
+        taken: set[fx.Node] = set()  # lowering="fused": nodes a fused conv absorbed
         for site in self.convs:
-            self._add_conv(result, site, masks, keep)
+            self._add_conv(result, site, masks, keep, taken)
+        for node in self.absorbable:
+            if node not in taken:
+                result.seconds += self._per_probe(self._other_work(node, keep))
         for node, linear in self.linears:
             cols = linear.in_features
             src = node.args[0]
@@ -297,11 +358,12 @@ class ConversionEstimate:
         """:func:`node_work` of the node once its removed channels are gone."""
         work = node_work(node)
         info = self.analysis.channels.get(node)
-        if node in keep and info is not None and info.width:
+        if node in keep and info is not None and info.width:  # its inputs lose those channels too
             work["graph_elems"] = work["graph_elems"] // info.width * len(keep[node])
+            work["reads"] = work["reads"] * len(keep[node]) // info.width
         return work
 
-    def _add_conv(self, result: Estimate, site: _ConvSite, masks, keep) -> None:
+    def _add_conv(self, result: Estimate, site: _ConvSite, masks, keep, taken: set) -> None:
         out_keep = keep.get(site.node)
         in_keep = keep.get(site.src) if site.src is not None else None
         geometry = _geometry_after_removal(site, out_keep, in_keep)
@@ -314,22 +376,56 @@ class ConversionEstimate:
         if dead_flops:  # the ones-map sum consumes the conv: its output goes back to filter order
             geometry = replace(geometry, free_order=False)
         form, options = "dense", {}
-        if self.lowering != "never" and is_lowerable(site.module, mask):
+        if site.absorbed is not None:
+            form, options = "fused", {"residual": self._absorb(site, bool(dead_flops), taken)}
+        elif self.lowering != "never" and is_lowerable(site.module, mask):
             form, options = self.choose_form(geometry, mask, supported_forms(geometry), site.batch,
                                              self.lowering == "auto")
         work = form_work(geometry, mask, form, **options)
         flops = 2 * site.batch * executed_macs(work)
-        seconds = self._per_sample(work)
-        if dead_flops:  # the sum with the ones-map conv ends the fusion; a BatchNorm folds into both convs
-            seconds += sum(self._per_probe(self._other_work(f, keep)) for f in self._unfolded(site))
-        elif form not in FORMS_TAKING_FOLLOWERS:  # the followers run on their own
-            seconds += sum(self._per_probe(self._other_work(f, keep)) for f in site.followers)
+        seconds = self._per_sample(work) + sum(self._per_probe(self._other_work(f, keep))
+                                               for f in self._followers_left(site, form, bool(dead_flops)))
         result.flops += flops + dead_flops
         result.seconds += seconds + dead_seconds
         result.decisions.append(ConvDecision(
             site.node.name, site.name, site.geometry.out_channels, geometry.out_channels, geometry.in_channels,
             int(mask.sum()), mask.numel(), form + "".join(f" {k}={v}" for k, v in options.items()),
             flops + dead_flops, seconds + dead_seconds))
+
+    @staticmethod
+    def _absorb(site: _ConvSite, dead: bool, taken: set) -> bool:
+        """What ``fuse_stripe_convs`` lets this fused conv absorb, given the convs before it: adds it to ``taken``
+        and returns whether its call takes a residual.
+
+        Convs are fused in graph order. A residual add goes to the first conv
+        reaching it (ResNet's second conv, before the downsample conv). With a
+        ones-map conv (``dead``), whose sum ends ORT's fusion after a BatchNorm
+        folds into both convs, the kernel takes that sum as its residual add and
+        a ReLU right after it; the block's add is then left to the next conv.
+        """
+        found = site.absorbed
+        if dead:
+            taken.update(n for n in found.nodes[1:] if found.residual is None)  # the ReLU after the BatchNorm
+            return True
+        if found.residual is not None and found.nodes[1 if found.batchnorm else 0] in taken:
+            return False  # an earlier conv took the add (this conv's output is its residual)
+        taken.update(found.nodes)
+        return found.residual is not None
+
+    def _followers_left(self, site: _ConvSite, form: str, dead: bool) -> list[fx.Node]:
+        """The nodes after a conv the kernel does not take that run on their own (priced apart from it).
+
+        ORT fuses a BatchNorm/ReLU into a dense, boxes or one-hot conv; the sum
+        with a ones-map conv (``dead``) ends that fusion, after a BatchNorm folds
+        into both convs. PyTorch fuses nothing (``lowering="fused"``).
+        """
+        if site.absorbed is not None:
+            return []
+        if dead:
+            return self._unfolded(site)
+        if form in FORMS_TAKING_FOLLOWERS and self.lowering != "fused":
+            return []
+        return site.followers
 
     def _unfolded(self, site: _ConvSite) -> list[fx.Node]:
         """The followers left after ``fold_batchnorm_into_sums`` (it folds a leading BatchNorm of an unshared conv)."""
@@ -358,6 +454,8 @@ class ConversionEstimate:
         work = dense_work(ones)
         ho, wo = ones.output_hw
         add = {"graph_elems": site.batch * geometry.out_channels * ho * wo, "graph_ops": 1}  # conv + ones-map conv
-        ones_map = {k: v * (site.batch if k == "graph_elems" else 1) for k, v in site.ones_map_work.items()}
+        if site.absorbed is not None:  # the fused kernel's residual add
+            add = {}
+        ones_map = {k: v * (site.batch if k in ("graph_elems", "reads") else 1) for k, v in site.ones_map_work.items()}
         seconds = self._per_sample(work) + self._per_probe(add) + self._per_probe(ones_map)
         return 2 * site.batch * executed_macs(work), seconds

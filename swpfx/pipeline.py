@@ -70,7 +70,7 @@ def conversion_passes(masks: dict, lowering: str, probe: tuple, channel_multiple
     if lowering == "fused":  # the compiled kernel for every conv it does (dense ones too), standard forms for the rest
         passes.append(("fuse_stripe_convs", lambda gm: fuse_stripe_convs(gm, make_fused_conv, include_dense=True)))
         passes.append(("lower_stripe_convs", lambda gm: lower_stripe_convs(gm, "auto", choose_form)))
-        passes.append(("replace_max_pools", lambda gm: replace_max_pools(gm, make_onednn_max_pool)))
+        passes.append(("replace_max_pools", lambda gm: replace_max_pools(gm, make_compiled_max_pool)))
     elif lowering != "never":
         passes.append(("lower_stripe_convs", lambda gm: lower_stripe_convs(gm, lowering, choose_form)))
     passes.append(("eliminate_dead_code", _eliminate_dead_code))
@@ -86,11 +86,11 @@ def make_fused_conv(conv, mask, *, relu, residual, scale, shift):
     return FusedStripeConv2d.from_conv(conv, mask, relu=relu, residual=residual, scale=scale, shift=shift)
 
 
-def make_onednn_max_pool(pool):
-    """``replace_max_pools``' factory for fused graphs: the same pool, run by oneDNN in eager calls."""
-    from swpfx.kernels.max_pool import OneDnnMaxPool2d
+def make_compiled_max_pool(pool):
+    """``replace_max_pools``' factory for fused graphs: the same pool, run by the compiled pool in eager calls."""
+    from swpfx.kernels.max_pool import CompiledMaxPool2d
 
-    return OneDnnMaxPool2d.from_pool(pool)
+    return CompiledMaxPool2d.from_pool(pool)
 
 
 def _eliminate_dead_code(gm: fx.GraphModule) -> None:

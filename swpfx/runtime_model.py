@@ -235,7 +235,7 @@ def leaves_blocked_layout(output, block: int) -> bool:
 WORK_KINDS = (*FORM_WORK_KINDS, "nchw_macs", "reorder_elems", "input_loads", "graph_ops", "graph_elems", "runs")
 PER_RUN_KINDS = ("ops", "graph_ops", "runs")  # counted once per run, whatever the batch
 ONE_RUN = {"runs": 1}  # what a whole graph adds to its ops' work: calling the session
-NOT_AMOUNTS = ("layout", "output", "gemms")  # entries of a form's work that say how ORT lays it out
+NOT_AMOUNTS = ("layout", "output", "gemms", "reads", "pool")  # entries of a work that ORT's model does not price
 FILTER_BLOCKS_PER_LOAD = 4  # MLAS's NCHWc conv kernels compute up to 4 filter blocks per pass over the input
 
 
@@ -539,19 +539,22 @@ def measure_candidates(gm, x, candidates, rounds: int = 50, threads: int = 2, co
     return time_sessions(sessions, x, rounds=rounds, blocks=3)
 
 
-def fit_coefficients(rows: list[tuple[dict, float]]) -> dict:
-    """Non-negative least squares on relative error: Σ_k c_k·work_k ≈ t for (work, t) rows.
+def fit_coefficients(rows: list[tuple[dict, float]], kinds=None, defaults=None) -> dict:
+    """Non-negative least squares on relative error: Σ_k c_k·work_k ≈ t for (work, t) rows, over ``kinds``
+    (default: :data:`WORK_KINDS`).
 
-    A kind no row has (e.g. ``nchw_macs`` where every calibration conv ran blocked) keeps its shipped coefficient.
+    A kind no row has (e.g. ``nchw_macs`` where every calibration conv ran blocked) keeps its shipped
+    coefficient (``defaults``, default :data:`DEFAULT_COEFFICIENTS`).
     """
-    a = np.array([[row.get(k, 0) / t for k in WORK_KINDS] for row, t in rows], dtype=float)
+    kinds = WORK_KINDS if kinds is None else kinds
+    defaults = DEFAULT_COEFFICIENTS if defaults is None else defaults
+    a = np.array([[row.get(k, 0) / t for k in kinds] for row, t in rows], dtype=float)
     b = np.ones(len(rows))
     scale = a.max(axis=0)
     absent = scale == 0
     scale[absent] = 1.0
     coef, _ = nnls(a / scale, b)
-    return {k: DEFAULT_COEFFICIENTS[k] if missing else float(c / s)
-            for k, c, s, missing in zip(WORK_KINDS, coef, scale, absent)}
+    return {k: defaults[k] if missing else float(c / s) for k, c, s, missing in zip(kinds, coef, scale, absent)}
 
 
 CALIBRATION_BATCH = 32

@@ -111,7 +111,7 @@ def test_bench_profile_prints_ort_time_per_op_type(capsys):
     (["cost", "swpfx.demo:no_such_factory"], "has no callable"),
     (["cost", DEMO_NET, "--input", "1,3,28,28"], "cannot run on an input of shape 1,3,28,28"),
     (["bench", DEMO_NET, "--input", "1,2,3,28,28"], "3 (C,H,W) or 4 (N,C,H,W)"),
-    (["bench", DEMO_NET, "--input", "1,28,28", "--lowering", "fused", "--profile"], "takes neither --profile"),
+    (["bench", DEMO_NET, "--input", "1,28,28", "--lowering", "fused", "--profile"], "takes no --profile"),
 ])
 def test_usage_errors_exit_2_without_traceback(capsys, argv, needle):
     code, out, err = run(capsys, *argv)

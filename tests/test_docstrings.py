@@ -29,6 +29,7 @@ MODULES = [
     "swpfx.kernels.max_pool",
     "swpfx.passes.replace_max_pools",
     "swpfx.runtime_model",
+    "swpfx.fused_runtime_model",
     "swpfx.timing",
     "swpfx.progress",
     "swpfx.persist",

@@ -54,7 +54,7 @@ def test_graph_ops_and_the_run_have_their_own_kinds_counted_once_per_run():
     x = torch.randn(2, 3, 4, 4)
     torch.fx.passes.shape_prop.ShapeProp(gm).propagate(x)
     relu = next(n for n in gm.graph.nodes if n.op == "call_module")
-    assert node_work(relu) == {"graph_elems": 2 * 3 * 4 * 4, "graph_ops": 1}
+    assert node_work(relu) == {"graph_elems": 2 * 3 * 4 * 4, "graph_ops": 1, "reads": 2 * 3 * 4 * 4}
     zero = {k: 0.0 for k in WORK_KINDS}
     model = rm.RuntimeModel(coefficients={**zero, "graph_ops": 1.0, "graph_elems": 1e-3, "runs": 10.0}, block=16)
     assert model.predict({"graph_ops": 1, "graph_elems": 100, "runs": 1}, batch=8) == pytest.approx(1 + 0.8 + 10)

@@ -7,8 +7,8 @@
   share the work as output row bands x filter groups, see ``stripe_conv.partition``);
 - :mod:`swpfx.kernels.fused_conv` -- that kernel as a PyTorch operator and the module
   ``FusedStripeConv2d`` that takes a stripe conv's place in the graph;
-- :mod:`swpfx.kernels.max_pool` -- ``OneDnnMaxPool2d``, the graph's max pools run by the
-  oneDNN inside PyTorch (PyTorch's own NCHW max pool is the slowest op left in a fused graph).
+- :mod:`swpfx.kernels.max_pool` -- ``CompiledMaxPool2d``, the graph's max pools run by the
+  compiled pool of the same library (PyTorch's own NCHW max pool is the slowest op left in a fused graph).
 
 Nothing here is needed by the standard-op lowering; when no compiler is present
 ``stripe_conv.is_available()`` is False and ``stripe_conv.unavailable_reason()``

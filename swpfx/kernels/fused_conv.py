@@ -156,6 +156,7 @@ class FusedStripeConv2d(nn.Module):
         self.kernel_size, self.stride = pair(kernel_size), pair(stride)
         self.padding, self.dilation = pair(padding), pair(dilation)
         self.relu, self.residual, self.threads = bool(relu), bool(residual), int(threads)
+        self.groups = 1  # read like a Conv2d's (ConvGeometry.of)
         self.weight = _frozen(torch.zeros(out_channels, in_channels, *self.kernel_size))
         self.register_buffer("mask", torch.zeros(out_channels, *self.kernel_size, dtype=torch.bool))
         self.bias = _frozen(torch.zeros(out_channels)) if bias else None

@@ -1,22 +1,26 @@
-"""``OneDnnMaxPool2d``: ``nn.MaxPool2d`` run by oneDNN in PyTorch eager (``convert(lowering="fused")``).
+"""``CompiledMaxPool2d``: ``nn.MaxPool2d`` run by swpfx's compiled kernel library (``convert(lowering="fused")``).
 
 PyTorch's own CPU max pool on NCHW float tensors is slow: in a fused ResNet-18
 (batch 1, 224², 2 threads) the stem's 3×3/2 pool over 64×112² took 3.3-3.5 ms,
-more than any conv, where ``torch.mkldnn_max_pool2d`` -- the same pool in
-oneDNN, which ships inside PyTorch's CPU builds -- takes 0.2 ms including the
-conversions to and from its layout (``benchmarks/fused_end_to_end.py``,
-RESULTS.md). A max is exact, so the two agree bit for bit.
+more than any conv. oneDNN's pool (``torch.mkldnn_max_pool2d``) needs a copy
+into its blocked layout and back: in a graph, where its input is not in cache,
+that took 0.6 ms for the stem's pool and 1.9-11 ms for VGG's first 2×2 pool
+over 64×224² (page faults on the copies). The compiled pool (``swp_max_pool2d``
+in ``stripe_conv.cpp``) reads the NCHW input once, one plane per work item, on
+the same threads as the fused convs: 0.4 ms for that 2×2 pool
+(``benchmarks/RESULTS.md``). A max is exact, so it agrees with PyTorch bit for
+bit, NaN included.
 
 The module is an ``nn.MaxPool2d`` (same constructor, same ``extra_repr``, same
 cost formula and ONNX export); only eager float32 CPU calls that need no
-gradient and have dilation 1 go to oneDNN, everything else -- autograd,
-``torch.export`` / ONNX export, ``return_indices=True``, a PyTorch without
-oneDNN -- runs ``nn.MaxPool2d.forward``.
+gradient and have dilation 1 go to the kernel, everything else -- autograd,
+``torch.export`` / ONNX export, ``return_indices=True``, a machine without a
+compiler -- runs ``nn.MaxPool2d.forward``.
 
 Example:
     >>> import torch
-    >>> from swpfx.kernels.max_pool import OneDnnMaxPool2d
-    >>> pool = OneDnnMaxPool2d(3, stride=2, padding=1)
+    >>> from swpfx.kernels.max_pool import CompiledMaxPool2d
+    >>> pool = CompiledMaxPool2d(3, stride=2, padding=1)
     >>> x = torch.randn(1, 8, 15, 15)
     >>> torch.equal(pool(x), torch.nn.functional.max_pool2d(x, 3, 2, 1))
     True
@@ -28,29 +32,49 @@ import torch
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from swpfx.kernels import is_traced
+from swpfx.kernels import is_traced, stripe_conv
 
-__all__ = ["OneDnnMaxPool2d", "onednn_applies"]
+__all__ = ["CompiledMaxPool2d", "kernel_applies", "pooled_size"]
 
 
-def onednn_applies(pool: nn.MaxPool2d, x: torch.Tensor) -> bool:
-    """Whether ``pool(x)`` can go to oneDNN: an eager float32 4-D CPU call needing no gradient, dilation 1,
-    no indices, on a PyTorch built with oneDNN."""
+def pooled_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool) -> int:
+    """Output length of a max pool along one axis (dilation 1), as PyTorch computes it."""
+    out = (size + 2 * padding - kernel + (stride - 1 if ceil_mode else 0)) // stride + 1
+    if ceil_mode and (out - 1) * stride >= size + padding:  # the last window must start inside the input
+        out -= 1
+    return out
+
+
+def kernel_applies(pool: nn.MaxPool2d, x: torch.Tensor) -> bool:
+    """Whether ``pool(x)`` goes to the kernel: an eager float32 4-D CPU call needing no gradient, dilation 1,
+    no indices, the kernel built."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and not pool.return_indices
-            and _pair(pool.dilation) == (1, 1) and torch.backends.mkldnn.is_available()
-            and not (torch.is_grad_enabled() and x.requires_grad) and not is_traced())
+            and _pair(pool.dilation) == (1, 1) and not (torch.is_grad_enabled() and x.requires_grad)
+            and not is_traced() and stripe_conv.is_available(_pool()))
 
 
-class OneDnnMaxPool2d(nn.MaxPool2d):
-    """``nn.MaxPool2d`` whose eager inference calls run in oneDNN (see the module docstring)."""
+def _pool() -> str:
+    from swpfx.kernels.fused_conv import _pool as fused_pool  # the same threads as the fused convs
+
+    return fused_pool()
+
+
+class CompiledMaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d`` whose eager inference calls run the compiled pool (see the module docstring)."""
 
     @classmethod
-    def from_pool(cls, pool: nn.MaxPool2d) -> OneDnnMaxPool2d:
+    def from_pool(cls, pool: nn.MaxPool2d) -> CompiledMaxPool2d:
         return cls(pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.return_indices, pool.ceil_mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not onednn_applies(self, x):
+        if not kernel_applies(self, x):
             return super().forward(x)
-        pooled = torch.mkldnn_max_pool2d(x.contiguous().to_mkldnn(), _pair(self.kernel_size), _pair(self.stride),
-                                         _pair(self.padding), [1, 1], self.ceil_mode)
-        return pooled.to_dense()
+        kernel, stride, padding = _pair(self.kernel_size), _pair(self.stride), _pair(self.padding)
+        x = x.detach().contiguous()
+        n, c, h, w = x.shape
+        out_hw = tuple(pooled_size(size, k, s, p, self.ceil_mode)
+                       for size, k, s, p in zip((h, w), kernel, stride, padding))
+        out = torch.empty(n, c, *out_hw)
+        stripe_conv.max_pool2d_into(x.data_ptr(), out.data_ptr(), n * c, (h, w), out_hw, kernel, stride, padding,
+                                    torch.get_num_threads(), pool=_pool())
+        return out

@@ -49,6 +49,7 @@
 #include <vector>
 
 #include <atomic>
+#include <limits>
 #include <chrono>
 #include <condition_variable>
 #include <mutex>
@@ -851,3 +852,82 @@ int swp_plan_run(void* plan, const float* x, std::int64_t N, float* y, const flo
 }
 
 }  // extern "C"
+
+// ---------------------------------------------------------------------------------------------------- max pool
+// y (P, Ho, Wo) = max over each window of x (P, H, W), P = N * C planes, windows clipped to the input (implicit
+// -inf padding), NaN propagating like PyTorch's. PyTorch's own NCHW float max pool is slow on the CPU, and
+// oneDNN's needs two layout copies per call; this reads the input once, one plane per work item.
+struct MaxPoolCall {
+  const float* x;
+  float* y;
+  std::int64_t H, W, Ho, Wo, kh, kw, sh, sw, ph, pw;
+  std::int64_t planes, per_item;  // planes per work item: small planes in groups (a work item costs ~1 us)
+};
+
+static inline float nan_max(float m, float v) { return (v > m || v != v) ? v : m; }
+
+// One output row from the kh input rows of its windows (`rows`; a row outside the input is replaced by one inside:
+// max(a, a) = a). Columns [lo, hi) have their whole window inside the input; the rest are clipped.
+template <int K, int S>
+static void max_pool_row_fixed(const float* const* rows, float* yr, std::int64_t lo, std::int64_t hi, std::int64_t pw) {
+  for (std::int64_t ox = lo; ox < hi; ++ox) {
+    const std::int64_t x0 = ox * S - pw;
+    float m = rows[0][x0];
+    for (int i = 0; i < K; ++i)
+      for (int j = 0; j < K; ++j) m = nan_max(m, rows[i][x0 + j]);
+    yr[ox] = m;
+  }
+}
+
+static void max_pool_row_any(const float* const* rows, float* yr, std::int64_t lo, std::int64_t hi,
+                             const MaxPoolCall& a) {
+  for (std::int64_t ox = lo; ox < hi; ++ox) {
+    const std::int64_t x0 = ox * a.sw - a.pw;
+    float m = -std::numeric_limits<float>::infinity();
+    for (std::int64_t i = 0; i < a.kh; ++i)
+      for (std::int64_t j = std::max<std::int64_t>(0, -x0); j < a.kw && x0 + j < a.W; ++j)
+        m = nan_max(m, rows[i][x0 + j]);
+    yr[ox] = m;
+  }
+}
+
+static void max_pool_plane(const MaxPoolCall& a, std::int64_t p) {
+  const float* xp = a.x + p * a.H * a.W;
+  float* yp = a.y + p * a.Ho * a.Wo;
+  const std::int64_t lo = std::min(a.Wo, (a.pw + a.sw - 1) / a.sw);
+  const std::int64_t span = a.W - a.kw + a.pw;  // the last window start that stays inside, times sw
+  const std::int64_t hi = span < 0 ? lo : std::max(lo, std::min(a.Wo, span / a.sw + 1));
+  const float* rows[64];
+  for (std::int64_t oy = 0; oy < a.Ho; ++oy) {
+    const std::int64_t y0 = oy * a.sh - a.ph;
+    const std::int64_t first = std::max<std::int64_t>(0, y0), last = std::min(a.H, y0 + a.kh) - 1;
+    for (std::int64_t i = 0; i < a.kh; ++i) rows[i] = xp + std::min(std::max(y0 + i, first), last) * a.W;
+    float* yr = yp + oy * a.Wo;
+    max_pool_row_any(rows, yr, 0, lo, a);
+    if (a.kh == 2 && a.kw == 2 && a.sw == 2) max_pool_row_fixed<2, 2>(rows, yr, lo, hi, a.pw);
+    else if (a.kh == 3 && a.kw == 3 && a.sw == 2) max_pool_row_fixed<3, 2>(rows, yr, lo, hi, a.pw);
+    else if (a.kh == 3 && a.kw == 3 && a.sw == 1) max_pool_row_fixed<3, 1>(rows, yr, lo, hi, a.pw);
+    else max_pool_row_any(rows, yr, lo, hi, a);
+    max_pool_row_any(rows, yr, hi, a.Wo, a);
+  }
+}
+
+static void max_pool_item(void* ctx, int, std::int64_t item) {
+  const MaxPoolCall& a = *static_cast<const MaxPoolCall*>(ctx);
+  const std::int64_t end = std::min(a.planes, (item + 1) * a.per_item);
+  for (std::int64_t p = item * a.per_item; p < end; ++p) max_pool_plane(a, p);
+}
+
+extern "C" int swp_max_pool2d(const float* x, float* y, std::int64_t planes, std::int64_t H, std::int64_t W, std::int64_t Ho,
+                   std::int64_t Wo, std::int64_t kh, std::int64_t kw, std::int64_t sh, std::int64_t sw,
+                   std::int64_t ph, std::int64_t pw, int threads) {
+  if (!x || !y || planes < 1 || kh < 1 || kh > 64 || kw < 1 || sh < 1 || sw < 1 || ph < 0 || pw < 0) return -1;
+  // about 8 items per thread, each at least ~16K input floats when the planes are small
+  const std::int64_t by_count = (planes + 8 * std::max(1, threads) - 1) / (8 * std::max(1, threads));
+  const std::int64_t by_size = (16384 + H * W - 1) / std::max<std::int64_t>(1, H * W);
+  const std::int64_t per_item = std::max<std::int64_t>(1, std::min(by_count, by_size));
+  MaxPoolCall call{x, y, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, planes, per_item};
+  Pool::instance().run((planes + per_item - 1) / per_item, threads, &max_pool_item, &call);
+  return 0;
+}
+

@@ -68,7 +68,7 @@ BASE_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", "-pthrea
 DEFAULT_THREADS = 2
 
 __all__ = ["is_available", "unavailable_reason", "kernel_info", "pack_weights", "stripe_conv2d", "bind", "partition",
-           "StripePackedWeights", "BoundStripeConv", "POOLS"]
+           "StripePackedWeights", "BoundStripeConv", "POOLS", "max_pool2d_into"]
 
 
 # ----------------------------------------------------------------------------- build and load
@@ -133,6 +133,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.swp_plan_dense.argtypes = [vp]
     lib.swp_pool_wake.restype = None
     lib.swp_pool_wake.argtypes = [c_int]
+    lib.swp_max_pool2d.restype = c_int
+    lib.swp_max_pool2d.argtypes = [vp, vp] + [i64] * 11 + [c_int]
 
 
 def _l2_bytes() -> int:
@@ -218,6 +220,17 @@ def _require(pool: str = "own"):
     if lib is None:
         raise RuntimeError(f"swpfx.kernels.stripe_conv: kernel unavailable: {info}")
     return lib, info
+
+
+def max_pool2d_into(x_address: int, out_address: int, planes: int, input_hw: tuple, output_hw: tuple, kernel: tuple,
+                    stride: tuple, padding: tuple, threads: int, pool: str = "own") -> None:
+    """Max pool of ``planes`` contiguous float32 planes (``input_hw``) into ``output_hw`` planes at the given
+    addresses; windows are clipped to the input (implicit -inf padding), NaN propagates (as PyTorch's)."""
+    lib, _ = _require(pool)
+    if lib.swp_max_pool2d(x_address, out_address, planes, *input_hw, *output_hw, *kernel, *stride, *padding,
+                          threads) != 0:
+        raise ValueError(f"swpfx.kernels.stripe_conv.max_pool2d_into: bad arguments (kernel {kernel}, stride "
+                         f"{stride}, padding {padding}, {planes} planes)")
 
 
 # ----------------------------------------------------------------------------- weights
