@@ -17,7 +17,8 @@ built subgraph executes:
 and, for ``fused`` (``lowering="fused"``: the compiled stripe kernel, which runs
 dense convs too), ``fused_macs`` (the kept stripes' MACs, all it multiplies),
 ``fused_in_elems`` (input elements it packs), ``fused_out_elems`` (output
-elements it stores, twice with a fused residual add) and ``fused_calls``;
+elements it stores, twice with a fused residual add), ``fused_calls`` and
+``fused_samples`` (the kernel runs a batch one sample at a time);
 ``taps`` (filters keeping each kernel tap), ``pixels`` (output pixels) and
 ``strided`` say how the kernel tiles the work, which ``swpfx.fused_runtime_model`` prices;
 
@@ -59,7 +60,7 @@ import torch
 from .stripe_geometry import DEFAULT_MIN_GROUP, ConvGeometry, box_area, box_groups, stripe_count_buckets
 
 WORK_KINDS = ("conv_macs", "onehot_macs", "onehot_groups", "copy_elems", "ops")
-FUSED_KINDS = ("fused_macs", "fused_in_elems", "fused_out_elems", "fused_calls")
+FUSED_KINDS = ("fused_macs", "fused_in_elems", "fused_out_elems", "fused_calls", "fused_samples")
 MAC_KINDS = ("conv_macs", "onehot_macs", "fused_macs")
 BOX_MIN_GROUPS = (8, 16, 32)  # the boxes partitions a form chooser tries
 
@@ -205,7 +206,7 @@ def fused_work(geometry: ConvGeometry, mask: torch.Tensor | None, residual: bool
     out_elems = geometry.out_channels * ho * wo
     return {"fused_macs": geometry.in_channels * int(taps.sum()) * ho * wo,
             "fused_in_elems": geometry.in_channels * h * w,
-            "fused_out_elems": out_elems * (2 if residual else 1), "fused_calls": 1,
+            "fused_out_elems": out_elems * (2 if residual else 1), "fused_calls": 1, "fused_samples": 1,
             "taps": tuple(int(t) for t in taps), "pixels": ho * wo, "strided": geometry.stride != (1, 1),
             "layout": layout(geometry)}
 

@@ -18,8 +18,9 @@ the same kind of linear model over work counts, for that runtime:
     packed weights read, once per call (7×7-plane layers are weight-bound);
 ``fused_in_elems`` / ``fused_out_elems``
     input elements packed, output elements stored (a residual read counts twice);
-``fused_calls``
-    the Python and thread wake-up of one kernel call (about 20 µs);
+``fused_calls`` / ``fused_samples``
+    the Python and thread wake-up of one kernel call (about 20 µs), and its
+    per-sample dispatch (the kernel runs a batch one sample at a time);
 ``conv_macs`` / ``ops``
     convs the kernel does not take (grouped ones) and Linear layers, in PyTorch;
 ``graph_ops`` / ``graph_elems`` / ``graph_reads`` / ``runs``
@@ -72,6 +73,7 @@ DEFAULT_COEFFICIENTS = {
     "fused_in_elems": 3e-10,
     "fused_out_elems": 3e-10,
     "fused_calls": 2.0e-5,
+    "fused_samples": 3e-6,
     "conv_macs": 2.0e-11,
     "ops": 1.0e-5,
     "graph_ops": 5e-6,
@@ -198,6 +200,7 @@ CALIBRATION_SHAPES = [
     (3, 64, 7, 2, 3, 224),
     (32, 32, 3, 1, 1, 28), (64, 64, 3, 1, 1, 14), (16, 16, 3, 1, 1, 28), (64, 64, 3, 1, 1, 7),
 ]
+SMALL_INPUT, BATCH = 64 * 14 * 14, 16  # layers with at most this many input elements are timed at BATCH too
 ELEMENTWISE_SHAPES = [(64, 56, 1), (64, 56, 8), (256, 14, 8), (512, 7, 1), (512, 7, 16), (32, 28, 4)]
 # (channels, input size, pool kernel): ResNet's stem pool, VGG's pools (compiled, as in a fused graph)
 MAX_POOL_SHAPES = [(64, 112, 3), (64, 224, 2), (128, 112, 2), (512, 14, 2)]
@@ -237,6 +240,9 @@ def _fused_rows(shapes, generator) -> list[tuple[str, nn.Module, torch.Tensor, d
             module = FusedStripeConv2d.from_conv(conv, mask, relu=True).eval()
             work = form_work(geometry, mask, "fused")
             rows.append((f"{c_in}->{c_out} k{k}/{stride} {hw}² {name}", module, x, work))
+            if c_in * hw * hw <= SMALL_INPUT:  # small layers at a batch too: what a batch costs per sample
+                xb = torch.randn(BATCH, c_in, hw, hw, generator=generator)
+                rows.append((f"{c_in}->{c_out} k{k}/{stride} {hw}² {name} batch {BATCH}", module, xb, work))
     return rows
 
 
@@ -342,7 +348,13 @@ def calibration_rows(shapes=CALIBRATION_SHAPES, rounds: int = 15, seed: int = 0,
     calls = {name: functools.partial(module, x) for name, module, x, _ in jobs}
     with torch.no_grad():
         seconds = interleaved_medians(calls, rounds=rounds, blocks=3)
-    return [(name, {**pricing.priced(work), **ONE_RUN}, seconds[name]) for name, _, _, work in jobs]
+    return [(name, {**_at_batch(pricing.priced(work), x.shape[0]), **ONE_RUN}, seconds[name])
+            for name, _, x, work in jobs]
+
+
+def _at_batch(amounts: dict, batch: int) -> dict:
+    """Per-sample ``amounts`` for a run of ``batch`` samples (per-call kinds once)."""
+    return {k: v * (1 if k in PER_RUN_KINDS else batch) for k, v in amounts.items()}
 
 
 def calibrate(cache="default", shapes=CALIBRATION_SHAPES, rounds: int = 15, seed: int = 0,
