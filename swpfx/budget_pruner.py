@@ -53,7 +53,8 @@ class BudgetPruner:
 
     Give exactly one of ``latency_target`` (predicted ONNX Runtime latency over
     the dense model's, at ``example_inputs``' batch size, by ``runtime_model`` —
-    default: this machine's calibration, measured on first use) or
+    default: this machine's calibration, measured on first use; with
+    ``lowering="fused"``, the fused kernel's PyTorch latency) or
     ``flops_target`` (converted FLOPs over dense, cut at ``granularity``). The
     remaining arguments are ``convert``'s. Call :meth:`step` after every
     ``optimizer.step()`` with ``progress = step / total_steps``; it recomputes
@@ -68,8 +69,8 @@ class BudgetPruner:
                  flops_target: float | None = None, example_inputs=None, ramp: float = DEFAULT_RAMP,
                  updates: int = DEFAULT_UPDATES, runtime_model=None, channel_multiple: int | None = None,
                  lowering: str = "auto", granularity: str = "stripe", scope: str = DEFAULT_SCOPE):
-        from swpfx.convert import _check_args, example_inputs_for, probe_and_batch
-        from swpfx.runtime_model import channel_block, default_runtime_model
+        from swpfx.convert import (_check_args, default_channel_multiple, default_runtime_model_for,
+                                   example_inputs_for, probe_and_batch)
 
         _require_prepared(prepared, "BudgetPruner")
         if (latency_target is None) == (flops_target is None):
@@ -80,14 +81,14 @@ class BudgetPruner:
         check_fraction("ramp", ramp, "BudgetPruner")
         if isinstance(updates, bool) or not isinstance(updates, int) or updates < 1:
             raise ValueError(f"swpfx.BudgetPruner: updates must be a positive int, got {updates!r}")
-        channel_multiple = channel_block() if channel_multiple is None else channel_multiple
+        channel_multiple = default_channel_multiple(lowering) if channel_multiple is None else channel_multiple
         _check_args(None, flops_target, latency_target, lowering, channel_multiple, granularity)
         inputs = example_inputs_for(prepared, example_inputs, caller="BudgetPruner")
         self.prepared, self.target, self.ramp, self.updates = prepared, float(target), float(ramp), updates
         self.probe, self.batch = probe_and_batch(inputs)
         self.lowering, self.channel_multiple, self.granularity, self.scope = lowering, channel_multiple, granularity, scope
-        if runtime_model is None and lowering != "never":
-            runtime_model = default_runtime_model(calibrate_if_missing=self.kind == "latency")
+        if runtime_model is None:
+            runtime_model = default_runtime_model_for(lowering, calibrate_if_missing=self.kind == "latency")
         self.runtime_model = runtime_model
         self.masks: dict[str, torch.Tensor] | None = None
         self.report: dict = {}

@@ -93,6 +93,28 @@ def _check_args(threshold, flops_target, latency_target, lowering, channel_multi
     return float(threshold)
 
 
+def default_channel_multiple(lowering: str) -> int:
+    """ONNX Runtime's NCHWc block (:func:`swpfx.runtime_model.channel_block`); 1 for the fused kernel, which has
+    no channel alignment to keep."""
+    from swpfx.runtime_model import channel_block
+
+    return 1 if lowering == "fused" else channel_block()
+
+
+def default_runtime_model_for(lowering: str, calibrate_if_missing: bool):
+    """The runtime model that prices ``lowering``'s forms on this machine (None for ``"never"``): the fused
+    kernel's in PyTorch for ``"fused"``, else ONNX Runtime's."""
+    if lowering == "never":
+        return None
+    if lowering == "fused":
+        from swpfx.fused_runtime_model import default_fused_runtime_model
+
+        return default_fused_runtime_model(calibrate_if_missing=calibrate_if_missing)
+    from swpfx.runtime_model import default_runtime_model
+
+    return default_runtime_model(calibrate_if_missing=calibrate_if_missing)
+
+
 def _check_fused() -> None:
     from swpfx.kernels import stripe_conv
 
@@ -178,20 +200,15 @@ def convert(
         32
     """
     _require_prepared(prepared, "convert")
-    from swpfx.runtime_model import channel_block, default_runtime_model
 
-    if channel_multiple is None:  # ORT's NCHWc block; the fused kernel has no channel alignment to keep
-        channel_multiple = 1 if lowering == "fused" else channel_block()
+    if channel_multiple is None:
+        channel_multiple = default_channel_multiple(lowering)
     threshold = _check_args(threshold, flops_target, latency_target, lowering, channel_multiple, granularity)
     check_skeletons(prepared)
     inputs = example_inputs_for(prepared, example_inputs)
     probe, batch = probe_and_batch(inputs)
-    if runtime_model is None and lowering == "fused":
-        from swpfx.fused_runtime_model import default_fused_runtime_model
-
-        runtime_model = default_fused_runtime_model(calibrate_if_missing=latency_target is not None)
-    elif runtime_model is None and lowering != "never":
-        runtime_model = default_runtime_model(calibrate_if_missing=latency_target is not None)
+    if runtime_model is None:
+        runtime_model = default_runtime_model_for(lowering, calibrate_if_missing=latency_target is not None)
     if latency_target is not None:
         masks, cut = masks_for_latency_target(prepared, latency_target, lowering, probe, runtime_model,
                                               channel_multiple, batch=batch)

@@ -162,3 +162,18 @@ def test_bench_latency_target_reports_torch_pruning_at_the_same_predicted_latenc
                      r"predicted ([\d.]+) of dense.*measured ([\d.]+) of dense.*realised fraction ([\d.]+)", out)
     assert peer is not None, out
     assert int(peer.group(1)) == rm.channel_block() and float(peer.group(3)) <= predicted + 1e-9
+
+
+@pytest.mark.skipif(not stripe_conv.is_available(), reason="fused stripe kernel unavailable: "
+                    f"{stripe_conv.unavailable_reason()}")
+def test_bench_fused_latency_target_reports_the_ratio_of_the_dense_model_on_the_kernel(capsys, monkeypatch):
+    import swpfx.fused_runtime_model as frm
+
+    monkeypatch.setattr(frm, "default_fused_runtime_model", lambda *a, **k: frm.FusedRuntimeModel())  # no calibration
+    code, out, err = run(capsys, "bench", DEMO_NET, "--input", "1,28,28", "--batch", "2", "--repeats", "5",
+                         "--lowering", "fused", "--latency-target", "0.8")
+    assert code == 0, err
+    predicted = float(re.search(r"predicted latency ratio ([\d.]+), measured ([\d.]+) \(of the dense model with "
+                                r"every conv on the kernel", out).group(1))
+    assert predicted <= 0.8
+    assert re.search(r"^\| dense fused \|.*\| [\d.]+ \|$", out, re.M) and "Torch-Pruning" not in out

@@ -138,3 +138,19 @@ def test_missing_calibration_is_measured_on_request_and_announced(tmp_path, monk
     assert frm.default_fused_runtime_model(cache=path).source == "shipped default" and not calls
     assert frm.default_fused_runtime_model(cache=path, calibrate_if_missing=True).source == str(path)
     assert calls == [path] and "calibrating the kernel in PyTorch now" in capsys.readouterr().err
+
+
+@needs_kernel
+def test_budget_pruner_aims_at_the_fused_budget_by_default(monkeypatch):
+    prepared, x, _ = _prepared("resnet18", "random", size=32)
+    asked = []
+
+    def fake_default(calibrate_if_missing=False, **kwargs):
+        asked.append(calibrate_if_missing)
+        return PRICING
+
+    monkeypatch.setattr(frm, "default_fused_runtime_model", fake_default)
+    pruner = swpfx.BudgetPruner(prepared, latency_target=0.7, lowering="fused", example_inputs=(x,), updates=1)
+    pruner.step(progress=1.0)
+    assert asked == [True] and pruner.channel_multiple == 1
+    assert pruner.report["latency_ratio"] <= 0.7 and pruner.report["runtime_model"] == "shipped default"
