@@ -62,7 +62,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from swpfx.runtime_model import CACHE_DIR, ONE_RUN, fit_coefficients, machine_key
+from swpfx.runtime_model import CACHE_DIR, ONE_RUN, cached, fit_coefficients, machine_key
 
 # seconds per unit; a fallback only (an AVX-512 AMD EPYC, 2 threads, torch 2.14): calibrate() fits this machine
 DEFAULT_COEFFICIENTS = {
@@ -370,8 +370,4 @@ def calibrate(cache="default", shapes=CALIBRATION_SHAPES, rounds: int = 15, seed
     model = FusedRuntimeModel(coefficients=fit_coefficients(weighted, KINDS, DEFAULT_COEFFICIENTS),
                               source="calibrated", machine=machine_key(), lanes=pricing.lanes,
                               register_block=pricing.register_block, tile_vectors=pricing.tile_vectors)
-    if cache is not None:
-        path = cache_path() if cache == "default" else Path(cache)
-        model.save(path)
-        model.source = str(path)
-    return model
+    return cached(model, cache, cache_path)

@@ -662,8 +662,13 @@ def calibrate(cache="default", shapes=CALIBRATION_SHAPES, rounds: int = 20, seed
     rows += _elementwise_rows(elementwise, rounds, threads, generator)
     model = RuntimeModel(coefficients=fit_coefficients(rows), source="calibrated", machine=machine_key(),
                          block=pricing.block, nchwc_multiple=pricing.nchwc_multiple)
+    return cached(model, cache, cache_path)
+
+
+def cached(model, cache, default_path):
+    """``model`` saved to ``cache`` (``"default"``: ``default_path()``; None: not saved), its ``source`` the file."""
     if cache is not None:
-        path = cache_path() if cache == "default" else Path(cache)
+        path = default_path() if cache == "default" else Path(cache)
         model.save(path)
         model.source = str(path)
     return model
