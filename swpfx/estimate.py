@@ -453,7 +453,8 @@ class ConversionEstimate:
                             geometry.pads, 1, geometry.input_hw)
         work = dense_work(ones)
         ho, wo = ones.output_hw
-        add = {"graph_elems": site.batch * geometry.out_channels * ho * wo, "graph_ops": 1}  # conv + ones-map conv
+        out = site.batch * geometry.out_channels * ho * wo
+        add = {"graph_elems": out, "graph_ops": 1, "reads": 2 * out}  # conv + ones-map conv
         if site.absorbed is not None:  # the fused kernel's residual add
             add = {}
         ones_map = {k: v * (site.batch if k in ("graph_elems", "reads") else 1) for k, v in site.ones_map_work.items()}
