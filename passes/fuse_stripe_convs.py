@@ -107,6 +107,7 @@ class Absorbed:
     """What a fused conv takes over from the nodes after it."""
 
     batchnorm: fx.Node | None = None
+    add: fx.Node | None = None  # the residual add
     residual: fx.Node | None = None  # the other operand of the add
     nodes: list[fx.Node] = field(default_factory=list)  # absorbed nodes in order (BN, add, ReLU)
     relu: bool = False
@@ -121,7 +122,7 @@ def absorbed_followers(gm: fx.GraphModule, conv: fx.Node) -> Absorbed:
         found.nodes.append(user)
         user = _sole_user(current)
     if user is not None and (residual := _residual_of(user, current)) is not None:
-        found.residual, current = residual, user
+        found.add, found.residual, current = user, residual, user
         found.nodes.append(user)
         user = _sole_user(current)
     if user is not None and _is_relu(gm, user, current):

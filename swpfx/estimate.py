@@ -261,13 +261,13 @@ class ConversionEstimate:
         """
         from swpfx.kernels.fused_conv import unsupported_reason  # loaded only when fusing
 
-        absorbed = {}
+        absorbed, batchnorms = {}, set()
         for site in self.convs:
             if site.name in self.full and unsupported_reason(site.module) is None:
                 site.absorbed = absorbed_followers(self.gm, site.node)
                 absorbed.update(dict.fromkeys(site.absorbed.nodes))
-        self.absorbable = [n for n in absorbed if not (n.op == "call_module" and
-                                                       isinstance(self.gm.get_submodule(n.target), nn.BatchNorm2d))]
+                batchnorms.add(site.absorbed.batchnorm)
+        self.absorbable = [n for n in absorbed if n not in batchnorms]
         return set(absorbed)
 
     def _capture_dead_constants(self, probe: tuple) -> None:
@@ -405,12 +405,13 @@ class ConversionEstimate:
         """
         found = site.absorbed
         if dead:
-            taken.update(n for n in found.nodes[1:] if found.residual is None)  # the ReLU after the BatchNorm
+            if found.add is None:  # the ReLU right after the conv (or its folded BatchNorm)
+                taken.update(n for n in found.nodes if n is not found.batchnorm)
             return True
-        if found.residual is not None and found.nodes[1 if found.batchnorm else 0] in taken:
+        if found.add in taken:
             return False  # an earlier conv took the add (this conv's output is its residual)
         taken.update(found.nodes)
-        return found.residual is not None
+        return found.add is not None
 
     def _followers_left(self, site: _ConvSite, form: str, dead: bool) -> list[fx.Node]:
         """The nodes after a conv the kernel does not take that run on their own (priced apart from it).
@@ -454,9 +455,8 @@ class ConversionEstimate:
         work = dense_work(ones)
         ho, wo = ones.output_hw
         out = site.batch * geometry.out_channels * ho * wo
-        add = {"graph_elems": out, "graph_ops": 1, "reads": 2 * out}  # conv + ones-map conv
-        if site.absorbed is not None:  # the fused kernel's residual add
-            add = {}
+        # conv + ones-map conv: the fused kernel's residual add, else an op of its own
+        add = {} if site.absorbed is not None else {"graph_elems": out, "graph_ops": 1, "reads": 2 * out}
         ones_map = {k: v * (site.batch if k in ("graph_elems", "reads") else 1) for k, v in site.ones_map_work.items()}
         seconds = self._per_sample(work) + self._per_probe(add) + self._per_probe(ones_map)
         return 2 * site.batch * executed_macs(work), seconds

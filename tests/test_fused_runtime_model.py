@@ -89,6 +89,39 @@ def test_estimate_equals_the_built_fused_graph_kind_by_kind(name, protocol):
     assert estimate.flops == swpfx.cost(built, (x,)).flops
 
 
+class _NoBatchNorm(nn.Module):
+    """Convs with biases and ReLUs, no BatchNorm: a dead filter's bias, through the ReLU and zero padding, needs a
+    ones-map conv, whose sum the next fused conv takes as its residual, with the ReLU after it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.c = nn.Conv2d(16, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def test_estimate_equals_the_built_fused_graph_without_batchnorm():
+    g = torch.Generator().manual_seed(0)
+    net = _NoBatchNorm().eval()
+    with torch.no_grad():
+        for conv in (net.a, net.b, net.c):
+            conv.bias.uniform_(0.2, 1.0, generator=g)
+    x = torch.randn(1, 3, 12, 12, generator=g)
+    prepared = swpfx.prepare(net, (x,))
+    masks = {n: torch.rand(s.shape, generator=g) > 0.4 for n, s in swpfx.skeletons(prepared).items()}
+    masks["a"][:6] = False
+    built, _ = convert_with_masks(prepared, masks, "fused", (x,), 1, PRICING.choose_form)
+    assert any(n.name.endswith("_dead_channels") for n in built.graph.nodes)
+    estimator = ConversionEstimate(prepared, (x,), "fused", 1, PRICING)
+    for kind in KINDS:
+        estimator.runtime_model = unit = FusedRuntimeModel(coefficients={k: float(k == kind) for k in KINDS},
+                                                           lanes=16, register_block=14, tile_vectors=2)
+        assert estimator.estimate(masks).seconds == pytest.approx(predict_graph(built, unit), rel=1e-12,
+                                                                  abs=1e-9), kind
+
+
 @needs_kernel
 def test_latency_target_fused_meets_its_prediction_and_stays_exact():
     from swpfx.budget import masks_for_latency_target
