@@ -84,15 +84,20 @@ def measure(name: str, protocol: str, args) -> list[dict]:
     return rows
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_timing_arguments(parser: argparse.ArgumentParser, out: Path) -> None:
+    """The arguments the fused end-to-end benchmarks share: models, mask protocols, the burst timing, output."""
     parser.add_argument("--models", nargs="+", default=["resnet18", "vgg16"])
     parser.add_argument("--protocols", nargs="+", default=["random", "structured"], choices=("random", "structured"))
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--burst", type=int, default=5)
     parser.add_argument("--blocks", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--out", type=Path, default=out)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_timing_arguments(parser, OUT)
     args = parser.parse_args(argv)
     if not stripe_conv.is_available():
         print(f"fused stripe kernel unavailable: {stripe_conv.unavailable_reason()}", file=sys.stderr)

@@ -36,12 +36,16 @@ from pathlib import Path
 import torch
 import torchvision
 
+sys.path.insert(0, str(Path(__file__).parent))  # the sibling benchmark, also when imported from elsewhere
+
 import swpfx
 from swpfx.cost import cost
 from swpfx.fused_runtime_model import default_fused_runtime_model
 from swpfx.kernels import stripe_conv
 from swpfx.synthetic import synthetic_skeletons_
 from swpfx.timing import torch_and_ort_latencies
+
+from fused_end_to_end import add_timing_arguments  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "fused_latency_target.md"
 
@@ -91,21 +95,15 @@ def table(rows: list[dict]) -> list[str]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["resnet18", "vgg16"])
-    parser.add_argument("--protocols", nargs="+", default=["random", "structured"], choices=("random", "structured"))
+    add_timing_arguments(parser, OUT)
     parser.add_argument("--targets", nargs="+", type=float, default=[0.7, 0.5, 0.35])
-    parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--burst", type=int, default=5)
-    parser.add_argument("--blocks", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
     if not stripe_conv.is_available():
         print(f"the stripe kernel is unavailable here: {stripe_conv.unavailable_reason()}", file=sys.stderr)
         return 1
     torch.set_num_threads(args.threads)
     runtime_model = default_fused_runtime_model(calibrate_if_missing=True)
-    start = time.perf_counter()
+    start, load_before = time.perf_counter(), os.getloadavg()
     rows = [r for name in args.models for protocol in args.protocols
             for r in measure(name, protocol, args.targets, runtime_model, args)]
     info = stripe_conv.kernel_info("openmp" if stripe_conv.is_available("openmp") else "own")
@@ -113,7 +111,8 @@ def main(argv=None) -> int:
         "# `convert(latency_target=T, lowering=\"fused\")`: predicted vs measured", "",
         f"Command: `.venv/bin/python benchmarks/fused_latency_target.py --models {' '.join(args.models)} --targets "
         f"{' '.join(map(str, args.targets))} --rounds {args.rounds} --burst {args.burst} --blocks {args.blocks}`; "
-        f"{time.perf_counter() - start:.0f} s.", "",
+        f"{time.perf_counter() - start:.0f} s; load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} "
+        "after (what else was running).", "",
         f"Machine: {swpfx.runtime_model.machine_key()}, {os.cpu_count()} CPUs, kernel {info['isa']} "
         f"({info['vector_width']} lanes, {info['threading']}), torch {torch.__version__}, {args.threads} threads; "
         f"runtime model {runtime_model.source}.", "",
