@@ -7,6 +7,7 @@ only when it cannot be built here (no C++ compiler); the fallback (standard ops)
 
 from __future__ import annotations
 
+import copy
 import operator
 
 import pytest
@@ -188,6 +189,52 @@ def test_packing_is_kept_until_the_weight_changes(monkeypatch):
         doubled = fused(x)
     assert len(calls) == 2
     assert relative_error(doubled - fused.bias[:, None, None], 2 * (first - fused.bias[:, None, None])) <= REL_TOL
+
+
+@needs_kernel
+def test_module_call_follows_every_change_to_what_it_was_resolved_from():
+    """The module resolves its kernel call once (weights packed, bias cast) and keeps it: every change to the
+    input shape, threads, weight, mask or bias -- in place, by storage swap or by a new tensor -- must show."""
+    g = torch.Generator().manual_seed(12)
+    conv = nn.Conv2d(6, 10, 3, padding=1)
+    fused = FusedStripeConv2d.from_conv(conv, random_stripe_mask(10, 3, 3, generator=g), relu=True)
+
+    def check(x):
+        expected = torch.relu(F.conv2d(x, fused.weight * fused.mask[:, None], fused.bias, padding=1))
+        assert relative_error(fused(x), expected) <= REL_TOL
+
+    x = torch.randn(2, 6, 9, 11, generator=g)
+    with torch.no_grad():
+        check(x)
+        check(torch.randn(1, 6, 7, 5, generator=g))  # another input shape
+        fused.threads = 1
+        check(x)
+        fused.weight.copy_(torch.randn(fused.weight.shape, generator=g))  # in place; pruned stripes now nonzero
+        check(x)
+        fused.mask[0].logical_not_()  # in place: the mask alone decides which stripes count
+        check(x)
+        fused.bias.add_(1.0)
+        check(x)
+        fused.weight.data = torch.randn(fused.weight.shape, generator=g)  # same tensor, new storage
+        check(x)
+        fused.mask = torch.ones_like(fused.mask)  # a new buffer
+        check(x)
+        twin = copy.deepcopy(fused)
+        twin.bias.zero_()  # the copy resolves its own call; the original keeps its bias
+        check(x)
+        assert relative_error(twin(x), torch.relu(F.conv2d(x, twin.weight * twin.mask[:, None], None, padding=1))) \
+            <= REL_TOL
+
+
+def test_traced_module_records_standard_ops():
+    """Under ``torch.jit`` tracing (the TorchScript ONNX exporter) the module runs plain ops, so they are recorded."""
+    conv = nn.Conv2d(4, 8, 3, padding=1)
+    fused = FusedStripeConv2d.from_conv(conv, random_stripe_mask(8, 3, 3, generator=torch.Generator().manual_seed(1)))
+    x = torch.randn(1, 4, 6, 6)
+    with torch.no_grad():
+        traced = torch.jit.trace(fused, (x,))
+        assert "aten::_convolution" in str(traced.inlined_graph)
+        assert relative_error(traced(x), fused(x)) <= REL_TOL
 
 
 def test_autograd_and_missing_kernel_use_standard_ops(monkeypatch):

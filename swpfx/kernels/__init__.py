@@ -18,7 +18,13 @@ says why.
 import torch
 
 
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+
+
 def is_traced() -> bool:
-    """Whether the current call is being compiled or exported (then the modules here run standard ops)."""
-    exporting = getattr(torch.compiler, "is_exporting", lambda: False)()
-    return torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export() or exporting
+    """Whether the current call is being recorded -- ``torch.jit`` tracing (the TorchScript ONNX exporter),
+    ``torch.compile`` or ``torch.export`` (the dynamo ONNX exporter) -- then the modules here run standard ops.
+
+    Asked on every kernel call, so only the cheap flags (``torch.onnx.is_in_onnx_export()`` costs 1 us).
+    """
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or _is_exporting()
