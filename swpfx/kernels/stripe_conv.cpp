@@ -314,8 +314,8 @@ class Pool {
     // library binds torch's libgomp (same SONAME), so the kernel and torch's ops share one pool instead of contending
     // for the cores (measured 13-17 % faster end to end in a fused ResNet-18 than with the pool below). The same
     // ranges as the own pool: a thread runs its contiguous share first, so the bands it packs and the output rows it
-    // writes are the ones it wrote in the previous conv (a fused ResNet-18 ran 8.2 -> 7.4 ms against `schedule(dynamic,
-    // 1)`), and it takes items from a late thread's back only when done.
+    // writes are the ones it wrote in the previous conv (a fused ResNet-18 ran 8.1-8.7 -> 7.4-7.9 ms against
+    // `schedule(dynamic, 1)`), and it takes items from a late thread's back only when done.
     epoch_.store(e, std::memory_order_relaxed);
 #pragma omp parallel num_threads(threads)
     work(e, omp_get_thread_num(), threads);  // threads OpenMP did not start leave their shares to the others
