@@ -162,7 +162,7 @@ def convert(
     ``latency_target`` tries all three orders and keeps the one that keeps the
     most importance; latency is predicted for ``example_inputs``' batch size, by
     ``runtime_model`` (default: this
-    machine's calibration, measured on first use — about two minutes — and
+    machine's calibration, measured on first use — 2-3 minutes — and
     cached; see ``swpfx calibrate``). The chosen cut, predicted latency and
     per-conv decisions are in ``deployed.meta["swpfx"]["cut"]``
     (:func:`swpfx.cut_table` prints them).
