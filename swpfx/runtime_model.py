@@ -430,7 +430,8 @@ def default_runtime_model(cache=None, calibrate_if_missing: bool = False, progre
 
 # ---------------------------------------------------------------- calibration
 
-# (in_channels, out_channels, kernel, stride, padding, input size): ResNet-18's convs at 224² input.
+# (in_channels, out_channels, kernel, stride, padding, input size): ResNet-18's convs at 224² input, and one
+# VGG-16 plane.
 CALIBRATION_SHAPES = [
     (64, 64, 3, 1, 1, 56),
     (64, 128, 3, 2, 1, 56),
