@@ -41,6 +41,7 @@ from swpfx.passes.form_work import dense_work, executed_macs, form_work
 from swpfx.passes.fuse_stripe_convs import Absorbed, absorbed_followers
 from swpfx.passes.graph_utils import swpfx_meta
 from swpfx.passes.lower_stripe_convs import channelwise_followers, is_lowerable, takes_any_order, used_once
+from swpfx.passes.plan_kernel_buffers import ROLE as BUFFERS_ROLE
 from swpfx.passes.remove_channels import (constant_sources, dense_input_weight, has_zero_padding, keep_indices,
                                           plan_removal)
 from swpfx.passes.stripe_geometry import ConvGeometry, supported_forms
@@ -116,6 +117,8 @@ def predict_graph(gm: fx.GraphModule, runtime_model, batch: int | None = None) -
         if node.op not in COMPUTE or node in fused:
             continue
         meta = swpfx_meta(node)
+        if meta.get("role") == BUFFERS_ROLE:  # hands out memory: no op runs
+            continue
         module = gm.get_submodule(node.target) if node.op == "call_module" else None
         if meta.get("role") == "fused_conv":
             shape = node.args[0].meta["tensor_meta"].shape

@@ -86,6 +86,9 @@ DEFAULT_COEFFICIENTS = {
 KINDS = tuple(DEFAULT_COEFFICIENTS)
 PER_RUN_KINDS = ("fused_calls", "ops", "graph_ops", "pool_ops", "runs")  # once per call, whatever the batch
 DESCRIPTIVE = ("layout", "output", "gemms", "taps", "pixels", "strided", "pool")  # entries that say how work is laid out
+# How a fused graph runs around its kernel calls; a new value makes earlier calibrations stale.
+# 2: kernel outputs written into planned, reused memory (passes/plan_kernel_buffers.py).
+GRAPH_RUNNER = 2
 CHANNEL_CHUNK = 128  # the kernel sums input channels in chunks of at most this many (stripe_conv._chunks)
 
 
@@ -93,7 +96,8 @@ def cache_path(directory=None) -> Path:
     """The calibration file for this machine, torch version and kernel source."""
     from swpfx.kernels.stripe_conv import SOURCE
 
-    key = f"{machine_key()} torch {torch.__version__} kernel {hashlib.sha1(SOURCE.read_bytes()).hexdigest()[:8]}"
+    key = (f"{machine_key()} torch {torch.__version__} kernel {hashlib.sha1(SOURCE.read_bytes()).hexdigest()[:8]} "
+           f"graphs {GRAPH_RUNNER}")
     slug = "-".join(part for part in "".join(c if c.isalnum() else "-" for c in key.lower()).split("-") if part)
     return Path(directory if directory is not None else CACHE_DIR) / f"fused_runtime_model-{slug}.json"
 

@@ -20,6 +20,7 @@ from swpfx.passes.fold_skeletons import fold_skeletons
 from swpfx.passes.fuse_stripe_convs import fuse_stripe_convs
 from swpfx.passes.graph_utils import swpfx_meta
 from swpfx.passes.lower_stripe_convs import lower_stripe_convs
+from swpfx.passes.plan_kernel_buffers import plan_kernel_buffers
 from swpfx.passes.remove_channels import remove_channels
 from swpfx.passes.replace_max_pools import replace_max_pools
 
@@ -71,6 +72,8 @@ def conversion_passes(masks: dict, lowering: str, probe: tuple, channel_multiple
         passes.append(("fuse_stripe_convs", lambda gm: fuse_stripe_convs(gm, make_fused_conv, include_dense=True)))
         passes.append(("lower_stripe_convs", lambda gm: lower_stripe_convs(gm, "auto", choose_form)))
         passes.append(("replace_max_pools", lambda gm: replace_max_pools(gm, make_compiled_max_pool)))
+        passes.append(("plan_kernel_buffers", lambda gm: plan_kernel_buffers(gm, takes_kernel_buffer,
+                                                                             make_kernel_buffers)))
     elif lowering != "never":
         passes.append(("lower_stripe_convs", lambda gm: lower_stripe_convs(gm, lowering, choose_form)))
     passes.append(("eliminate_dead_code", _eliminate_dead_code))
@@ -91,6 +94,21 @@ def make_compiled_max_pool(pool):
     from swpfx.kernels.max_pool import CompiledMaxPool2d
 
     return CompiledMaxPool2d.from_pool(pool)
+
+
+def takes_kernel_buffer(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """``plan_kernel_buffers``' predicate: the compiled kernels' modules write into planned slots."""
+    from swpfx.kernels.fused_conv import FusedStripeConv2d
+    from swpfx.kernels.max_pool import CompiledMaxPool2d
+
+    return isinstance(gm.get_submodule(node.target), (FusedStripeConv2d, CompiledMaxPool2d))
+
+
+def make_kernel_buffers(slots: int):
+    """``plan_kernel_buffers``' factory: the per-thread slot memory of :mod:`swpfx.kernels.buffers`."""
+    from swpfx.kernels.buffers import KernelBuffers
+
+    return KernelBuffers(slots)
 
 
 def _eliminate_dead_code(gm: fx.GraphModule) -> None:

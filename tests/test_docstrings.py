@@ -27,6 +27,8 @@ MODULES = [
     "swpfx.passes.fuse_stripe_convs",
     "swpfx.kernels.fused_conv",
     "swpfx.kernels.max_pool",
+    "swpfx.kernels.buffers",
+    "swpfx.passes.plan_kernel_buffers",
     "swpfx.passes.replace_max_pools",
     "swpfx.runtime_model",
     "swpfx.fused_runtime_model",

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from swpfx.kernels import is_traced, stripe_conv
+from swpfx.kernels.buffers import SlotBuffers, writes_fresh_output
 from swpfx.passes.count_costs import OpCall, OpCount, bias_flops, register, stripe_macs
 
 __all__ = ["FusedStripeConv2d", "kernel_applies", "unsupported_reason"]
@@ -118,9 +119,10 @@ _KERNEL_CALLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _run_bound(bound: stripe_conv.BoundStripeConv, bias: torch.Tensor | None, x: torch.Tensor,
-               residual: torch.Tensor | None) -> torch.Tensor:
+               residual: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
     """``bound`` on float32 CPU ``x`` of its input shape, with a float32 contiguous ``bias`` and an optional
-    residual (checked here)."""
+    residual (checked here), into ``out`` (contiguous float32 of the output shape, aliasing neither input) or a
+    new tensor."""
     if _pool() == "own":
         bound.wake()  # the pool's workers wake while the arguments are checked
     if not x.is_contiguous():
@@ -131,7 +133,8 @@ def _run_bound(bound: stripe_conv.BoundStripeConv, bias: torch.Tensor | None, x:
                              f"{tuple(bound.output_shape)}, got {residual.dtype} {tuple(residual.shape)}")
         if not residual.is_contiguous():
             residual = residual.contiguous()
-    out = torch.empty(bound.output_shape)  # torch's CPU allocator aligns to 64 bytes, as the kernel prefers
+    if out is None:
+        out = torch.empty(bound.output_shape)  # torch's CPU allocator aligns to 64 bytes, as the kernel prefers
     bound.run_addresses(x.data_ptr(), out.data_ptr(), None if bias is None else bias.data_ptr(),
                         None if residual is None else residual.data_ptr())
     return out
@@ -179,7 +182,10 @@ class FusedStripeConv2d(nn.Module):
     Holds ``weight`` (O, C, Kh, Kw, pruned stripes zero) and ``bias`` as parameters
     that take no gradient (it is an inference module; they count as the model's
     parameters) and ``mask`` (bool (O, Kh, Kw), the kept stripes) as a buffer.
-    ``forward(x)`` or, with ``residual=True``, ``forward(x, residual)``.
+    ``forward(x)`` or, with ``residual=True``, ``forward(x, residual)``; in a
+    graph planned by ``plan_kernel_buffers`` also ``buffers=..., slot=k``: a
+    kernel call then writes its output into that slot
+    (:mod:`swpfx.kernels.buffers`), any other call ignores them.
     ``threads``: the kernel's threads (on torch's OpenMP threads where the
     OpenMP build compiles, else the kernel's own pool); 0, the default, takes
     ``torch.get_num_threads()`` at each call.
@@ -238,13 +244,15 @@ class FusedStripeConv2d(nn.Module):
                 f"padding={self.padding}, dilation={self.dilation}, bias={self.bias is not None}, relu={self.relu}, "
                 f"residual={self.residual}, threads={self.threads}")
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, *,
+                buffers: SlotBuffers | None = None, slot: int | None = None) -> torch.Tensor:
         if self.residual != (residual is not None):
             raise ValueError(f"swpfx.FusedStripeConv2d: built with residual={self.residual}, called "
                              f"{'with' if residual is not None else 'without'} a residual")
         if kernel_applies(x):  # the op's arithmetic without its dispatch (~0.1 ms per call) or its per-call checks
             call = self._kernel_call(x)
-            return _run_bound(call.bound, call.bias, x, residual)
+            out = None if buffers is None or writes_fresh_output(self) else buffers.take(slot, call.bound.output_shape)
+            return _run_bound(call.bound, call.bias, x, residual, out)
         y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
         if residual is not None:
             y = y + residual

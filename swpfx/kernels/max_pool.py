@@ -35,6 +35,7 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from swpfx.kernels import is_traced, stripe_conv
+from swpfx.kernels.buffers import SlotBuffers, writes_fresh_output
 
 __all__ = ["CompiledMaxPool2d", "kernel_applies", "pooled_size"]
 
@@ -68,7 +69,10 @@ class CompiledMaxPool2d(nn.MaxPool2d):
     def from_pool(cls, pool: nn.MaxPool2d) -> CompiledMaxPool2d:
         return cls(pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.return_indices, pool.ceil_mode)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, buffers: SlotBuffers | None = None, slot: int | None = None
+                ) -> torch.Tensor:
+        """``nn.MaxPool2d.forward``; a kernel call given ``buffers`` and ``slot`` (``plan_kernel_buffers``) writes
+        its output into that slot."""
         if not kernel_applies(self, x):
             return super().forward(x)
         kernel, stride, padding = _pair(self.kernel_size), _pair(self.stride), _pair(self.padding)
@@ -76,7 +80,8 @@ class CompiledMaxPool2d(nn.MaxPool2d):
         n, c, h, w = x.shape
         out_hw = tuple(pooled_size(size, k, s, p, self.ceil_mode)
                        for size, k, s, p in zip((h, w), kernel, stride, padding))
-        out = torch.empty(n, c, *out_hw)
+        shape = (n, c, *out_hw)
+        out = torch.empty(shape) if buffers is None or writes_fresh_output(self) else buffers.take(slot, shape)
         stripe_conv.max_pool2d_into(x.data_ptr(), out.data_ptr(), n * c, (h, w), out_hw, kernel, stride, padding,
                                     torch.get_num_threads(), pool=_pool())
         return out

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from swpfx.kernels.buffers import KernelBuffers
 from swpfx.kernels.fused_conv import FusedStripeConv2d
 from swpfx.kernels.max_pool import CompiledMaxPool2d
 
@@ -32,7 +33,7 @@ MODULE_TYPES: dict[str, type[nn.Module]] = {
         nn.AdaptiveMaxPool2d, nn.Upsample, nn.PixelShuffle, nn.ChannelShuffle,
         nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d,
         nn.MultiheadAttention,
-        FusedStripeConv2d, CompiledMaxPool2d,
+        FusedStripeConv2d, CompiledMaxPool2d, KernelBuffers,
     )
 }
 # Submodules an allowlisted module creates itself (checked by type name, never constructed from the plan).
