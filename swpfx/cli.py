@@ -165,7 +165,7 @@ BURST = 5  # bench --lowering fused: back-to-back calls per turn (swpfx.timing.t
 
 
 def run_bench(spec: str, shape, protocol="random", batch=1, threshold=0.05, lowering="auto", repeats=50, seed=0,
-              threads=2, keep_dir=None, latency_target=None, profile=False) -> str:
+              threads=2, keep_dir=None, latency_target=None, profile=False, measure=0) -> str:
     """Dense vs converted ONNX Runtime latency for ``spec`` with synthetic skeletons; a markdown section.
 
     With ``latency_target`` the cut is ``convert(latency_target=...)``'s (on the
@@ -197,9 +197,11 @@ def run_bench(spec: str, shape, protocol="random", batch=1, threshold=0.05, lowe
     if not swpfx.skeletons(prepared):
         raise UsageError(f"model {spec!r} has no Conv2d that swpfx can prune")
     synthetic_skeletons_(prepared, protocol=protocol, threshold=threshold, seed=seed)
+    if measure and latency_target is None:
+        raise UsageError("--measure checks a --latency-target; pass one")
     if latency_target is not None:
         deployed = convert(prepared, latency_target=latency_target, lowering="fused" if fused else "auto",
-                           example_inputs=(x,))
+                           example_inputs=(x,), measure=measure)
     else:
         deployed = convert(prepared, threshold=threshold, lowering=lowering, example_inputs=(x,))
     dense_cost, pruned_cost = cost(model, (x,)), cost(deployed, (x,))
@@ -231,8 +233,10 @@ def run_bench(spec: str, shape, protocol="random", batch=1, threshold=0.05, lowe
     how = f"threshold {threshold}, lowering {lowering}"
     if latency_target is not None:
         reference = "dense fused" if fused else "dense"
+        while_converting = "".join(f", {r['predicted']:.3f} -> {r['measured']:.3f}" for r in cut.get("measured", []))
         how = (f"latency_target {latency_target} ({cut['granularity']} order): predicted latency ratio "
                f"{cut['latency_ratio']:.3f}, measured {times['converted'] / times[reference]:.3f}"
+               f"{f' (convert measure={measure}: predicted -> measured per round{while_converting})' if measure else ''}"
                f"{' (of the dense model with every conv on the kernel, in PyTorch)' if fused else ''}")
     timing = (f"ms (dense: ORT, converted: PyTorch with the fused kernel; min of 3 medians of "
               f"{BURST * max(1, repeats // BURST)} runs in bursts of {BURST})" if fused
@@ -325,7 +329,8 @@ def flop_ratios(dense, pruned, speedup: float) -> str:
 def cmd_bench(args) -> int:
     print(run_bench(args.model, args.input, protocol=args.protocol, batch=args.batch, threshold=args.threshold,
                     lowering=args.lowering, repeats=args.repeats, seed=args.seed, threads=args.threads,
-                    keep_dir=args.keep, latency_target=args.latency_target, profile=args.profile))
+                    keep_dir=args.keep, latency_target=args.latency_target, profile=args.profile,
+                    measure=args.measure))
     return 0
 
 
@@ -461,6 +466,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="convert with latency_target=T (predicted ORT latency ≤ T × dense, or with --lowering "
                             "fused PyTorch latency ≤ T × the dense model on the kernel; calibrates this machine on "
                             "first use) instead of --threshold")
+    bench.add_argument("--measure", type=int, default=0, metavar="N",
+                       help="with --latency-target: convert(measure=N), i.e. measure each conversion against the "
+                            "dense model and convert again with the target scaled by the miss, up to N times "
+                            "(default: 0, the prediction alone)")
     bench.add_argument("--profile", action="store_true",
                        help="also print ONNX Runtime's time per op type for each model (its profiler)")
     bench.set_defaults(func=cmd_bench)

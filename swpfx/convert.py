@@ -134,6 +134,7 @@ def convert(
     channel_multiple: int | None = None,
     granularity: str = "stripe",
     runtime_model=None,
+    measure: int = 0,
 ) -> fx.GraphModule:
     """Deploy a prepared model: a compact GraphModule of standard ops, for inference.
 
@@ -166,6 +167,19 @@ def convert(
     cached; see ``swpfx calibrate``). The chosen cut, predicted latency and
     per-conv decisions are in ``deployed.meta["swpfx"]["cut"]``
     (:func:`swpfx.cut_table` prints them).
+
+    ``measure=N`` (with ``latency_target``) checks the prediction by measuring:
+    the converted model and the dense one are timed side by side on
+    ``example_inputs`` (ONNX Runtime, exported and verified, on
+    ``torch.get_num_threads()`` threads; with ``lowering="fused"``, PyTorch), and
+    while the measured ratio misses the target the conversion is repeated with the
+    target divided by the miss (measured over predicted ratio), up to ``N``
+    conversions in all. The
+    result is the most important cut that measured within the target (or, if none
+    did, the fastest, with a warning); each round's predicted and measured ratio is
+    in ``deployed.meta["swpfx"]["cut"]["measured"]``. A runtime model fitted on
+    isolated convs misjudges some graphs by 5-15 % (``benchmarks/RESULTS.md``);
+    this trades tens of seconds per round for the latency the user will see.
 
     ``channel_multiple`` keeps a few dead filters where needed so that every conv
     keeps a multiple of that many output channels (or all of them): ONNX Runtime's
@@ -209,16 +223,28 @@ def convert(
     probe, batch = probe_and_batch(inputs)
     if runtime_model is None:
         runtime_model = default_runtime_model_for(lowering, calibrate_if_missing=latency_target is not None)
-    if latency_target is not None:
-        masks, cut = masks_for_latency_target(prepared, latency_target, lowering, probe, runtime_model,
-                                              channel_multiple, batch=batch)
-    elif flops_target is not None:
-        masks, cut = masks_for_flops_target(prepared, flops_target, lowering, probe, channel_multiple, granularity,
-                                            runtime_model=runtime_model)
-    else:
-        masks, cut = stripe_masks(skeletons(prepared), threshold), {"threshold": threshold}
     choose_form = runtime_model.choose_form if runtime_model is not None else None
-    gm, removal = convert_with_masks(prepared, masks, lowering, probe, channel_multiple, choose_form)
+
+    def build(target: float | None):
+        if target is not None:
+            masks, cut = masks_for_latency_target(prepared, target, lowering, probe, runtime_model,
+                                                  channel_multiple, batch=batch)
+        elif flops_target is not None:
+            masks, cut = masks_for_flops_target(prepared, flops_target, lowering, probe, channel_multiple,
+                                                granularity, runtime_model=runtime_model)
+        else:
+            masks, cut = stripe_masks(skeletons(prepared), threshold), {"threshold": threshold}
+        return (*convert_with_masks(prepared, masks, lowering, probe, channel_multiple, choose_form), cut)
+
+    if measure:
+        if latency_target is None:
+            raise ValueError("swpfx.convert: measure checks a latency_target; pass one")
+        if not isinstance(measure, int) or measure < 0:
+            raise ValueError(f"swpfx.convert: measure must be a number of rounds >= 0, got {measure!r}")
+        dense = build_dense(prepared, lowering, probe, channel_multiple, choose_form)
+        gm, removal, cut = meet_measured_latency(build, latency_target, dense, inputs, lowering, measure)
+    else:
+        gm, removal, cut = build(latency_target)
     gm.meta[META] = {
         "converted_from": prepared.meta[META].get("source_class"),
         "input_specs": [(tuple(x.shape), x.dtype) for x in inputs],
@@ -227,6 +253,62 @@ def convert(
         "bias_maps": removal.bias_maps,
     }
     return gm
+
+
+def build_dense(prepared: fx.GraphModule, lowering: str, probe: tuple, channel_multiple: int, choose_form):
+    """The dense model a latency target is a fraction of: ``prepared`` with every stripe kept, converted the same
+    way (for ``lowering="fused"``: every conv on the kernel)."""
+    masks = {name: torch.ones_like(s, dtype=torch.bool) for name, s in skeletons(prepared).items()}
+    return convert_with_masks(prepared, masks, lowering, probe, channel_multiple, choose_form)[0]
+
+
+MEASURE_TOLERANCE = 0.05  # a round measuring within this fraction below the target ends the search
+
+
+def meet_measured_latency(build, latency_target: float, dense: fx.GraphModule, inputs: tuple, lowering: str,
+                          rounds: int):
+    """``convert(measure=rounds)``: ``build(target)`` -> (gm, removal, cut) repeated with the target divided by
+    the last round's miss (measured over predicted ratio); returns the best round's (gm, removal, cut),
+    ``cut["measured"]`` listing every round."""
+    import tempfile
+    import warnings
+    from pathlib import Path
+
+    from swpfx.export import export_onnx
+    from swpfx.timing import latencies, torch_and_ort_latencies
+
+    threads = torch.get_num_threads()
+    measured_rounds, best, target = [], None, latency_target
+    with tempfile.TemporaryDirectory() as folder:
+        dense_path = None if lowering == "fused" else export_onnx(dense, inputs, Path(folder) / "dense.onnx").path
+        for round_index in range(rounds):
+            try:
+                gm, removal, cut = build(target)
+            except ValueError:  # a scaled target out of the runtime model's reach: keep what was measured
+                if round_index == 0:
+                    raise
+                break
+            if lowering == "fused":
+                ms = torch_and_ort_latencies({"dense": dense, "converted": gm}, {}, inputs, threads=threads)
+            else:
+                ms = latencies({"dense": dense_path, "converted": gm}, inputs, threads=threads)
+            measured = ms["converted"] / ms["dense"]
+            measured_rounds.append({"predicted_target": target, "predicted": cut["latency_ratio"],
+                                    "measured": measured, "dense_ms": ms["dense"], "converted_ms": ms["converted"]})
+            met = measured <= latency_target
+            key = (met, cut["kept_importance"] if met else -measured)
+            if best is None or key > best[0]:
+                best = (key, gm, removal, cut, measured)
+            if latency_target * (1 - MEASURE_TOLERANCE) <= measured <= latency_target:
+                break
+            target = min(1.0, cut["latency_ratio"] * latency_target / measured)  # the target over the miss
+    (met, _), gm, removal, cut, measured = best
+    cut = {**cut, "measured": measured_rounds, "measured_ratio": measured}
+    if not met:
+        warnings.warn(f"swpfx.convert: no conversion measured within latency_target={latency_target} in "
+                      f"{len(measured_rounds)} rounds; kept the fastest, measured at {measured:.3f} of dense",
+                      stacklevel=3)
+    return gm, removal, cut
 
 
 def cut_table(deployed: fx.GraphModule, tablefmt: str = "simple") -> str:

@@ -171,6 +171,63 @@ def test_latency_target_excludes_the_other_cuts(resnet_prepared):
         convert(resnet_prepared[0], latency_target=0.5, lowering="never")
 
 
+def scripted_timing(monkeypatch, measured_of):
+    """Make the measurements of ``convert(measure=...)`` deterministic: the converted model measures
+    ``measured_of(predicted ratio)`` of dense; returns the list of timed converted models."""
+    timing = importlib.import_module("swpfx.timing")
+    timed = []
+
+    def latencies(models, example_inputs, threads=2, **kwargs):
+        dense, converted = models["dense"], models["converted"]
+        assert str(dense).endswith("dense.onnx")  # the dense model is exported once, not per round
+        timed.append(converted)
+        predicted = predict_graph(converted, RUNTIME_MODEL) / predict_graph(dense_graph[0], RUNTIME_MODEL)
+        return {"dense": 10.0, "converted": 10.0 * measured_of(predicted)}
+
+    dense_graph = []
+    convert_module = importlib.import_module("swpfx.convert")
+    build_dense = convert_module.build_dense
+    monkeypatch.setattr(convert_module, "build_dense", lambda *a: dense_graph.append(build_dense(*a)) or dense_graph[-1])
+    monkeypatch.setattr(timing, "latencies", latencies)
+    return timed
+
+
+def test_measured_latency_target_converts_again_with_the_target_over_the_miss(resnet_prepared, monkeypatch):
+    prepared, x = resnet_prepared
+    timed = scripted_timing(monkeypatch, lambda r: 1.12 * r)  # the runtime model under-predicts this graph by 12 %
+    deployed = convert(prepared, latency_target=0.6, runtime_model=RUNTIME_MODEL, channel_multiple=BLOCK, measure=3)
+    cut = deployed.meta["swpfx"]["cut"]
+    rounds = cut["measured"]
+    assert len(rounds) == len(timed) == 2 and rounds[0]["predicted_target"] == 0.6  # a constant miss: met at once
+    assert rounds[0]["measured"] > 0.6  # the prediction alone misses
+    for before, after in zip(rounds, rounds[1:]):
+        assert after["predicted_target"] == pytest.approx(0.6 * before["predicted"] / before["measured"])
+    assert cut["measured_ratio"] <= 0.6 and cut["latency_ratio"] == pytest.approx(cut["measured_ratio"] / 1.12)
+    assert timed[-1] is deployed
+    y = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    masked = convert(prepared, threshold=0.0, lowering="never")  # nothing pruned: the cut must change the function
+    with torch.no_grad():
+        assert not torch.allclose(deployed(y), masked(y), atol=1e-3)
+
+
+def test_measured_latency_target_warns_when_no_round_meets_it(resnet_prepared, monkeypatch):
+    prepared, _ = resnet_prepared
+    scripted_timing(monkeypatch, lambda r: 0.9)  # whatever is cut, it measures 0.9 of dense
+    with pytest.warns(UserWarning, match=r"no conversion measured within latency_target=0.6 in \d rounds"):
+        deployed = convert(prepared, latency_target=0.6, runtime_model=RUNTIME_MODEL, channel_multiple=BLOCK,
+                           measure=2)
+    rounds = deployed.meta["swpfx"]["cut"]["measured"]
+    assert len(rounds) == 2 and rounds[1]["predicted_target"] < rounds[0]["predicted_target"]
+    assert deployed.meta["swpfx"]["cut"]["measured_ratio"] == pytest.approx(0.9)
+
+
+def test_measure_needs_a_latency_target_and_a_round_count(resnet_prepared):
+    with pytest.raises(ValueError, match="measure checks a latency_target"):
+        convert(resnet_prepared[0], threshold=0.1, runtime_model=RUNTIME_MODEL, measure=2)
+    with pytest.raises(ValueError, match="measure must be a number of rounds"):
+        convert(resnet_prepared[0], latency_target=0.6, runtime_model=RUNTIME_MODEL, measure=-1)
+
+
 def test_snapped_ladders_keep_each_filters_steps_in_order():
     scores = torch.rand(16, 3, 3, generator=torch.Generator().manual_seed(0))
     step, step_scores = snapped_ladders(scores)

@@ -164,6 +164,22 @@ def test_bench_latency_target_reports_torch_pruning_at_the_same_predicted_latenc
     assert int(peer.group(1)) == rm.channel_block() and float(peer.group(3)) <= predicted + 1e-9
 
 
+def test_bench_measure_reports_each_conversion_round(capsys, monkeypatch):
+    import swpfx.runtime_model as rm
+
+    monkeypatch.setattr(rm, "default_runtime_model", lambda *a, **k: rm.RuntimeModel())  # no calibration in tests
+    code, out, err = run(capsys, "bench", DEMO_NET, "--input", "1,28,28", "--batch", "4", "--repeats", "3",
+                         "--latency-target", "0.6", "--measure", "2")
+    assert code == 0, err
+    rounds = re.search(r"\(convert measure=2: predicted -> measured per round((?:, [\d.]+ -> [\d.]+)+)\)", out)
+    assert rounds is not None, out
+    pairs = re.findall(r"([\d.]+) -> ([\d.]+)", rounds.group(1))
+    assert 1 <= len(pairs) <= 2 and float(pairs[0][0]) <= 0.6
+    assert len(pairs) == 1 or float(pairs[0][1]) > 0.6 or float(pairs[0][1]) < 0.6 * 0.95  # a second round had a reason
+    code, _, err = run(capsys, "bench", DEMO_NET, "--input", "1,28,28", "--measure", "2")
+    assert code == 2 and "--measure checks a --latency-target" in err
+
+
 @pytest.mark.skipif(not stripe_conv.is_available(), reason="fused stripe kernel unavailable: "
                     f"{stripe_conv.unavailable_reason()}")
 def test_bench_fused_latency_target_reports_the_ratio_of_the_dense_model_on_the_kernel(capsys, monkeypatch):
