@@ -193,7 +193,9 @@ def convert(
     :class:`swpfx.kernels.fused_conv.FusedStripeConv2d`: the compiled kernel, which
     multiplies only the kept stripes (float32 CPU inference in PyTorch; grouped
     convs stay dense), and runs the max pools on the compiled pool
-    (:class:`swpfx.kernels.max_pool.CompiledMaxPool2d`). With ``latency_target``
+    (:class:`swpfx.kernels.max_pool.CompiledMaxPool2d`); kernel outputs that only
+    other kernel calls, adds and pools read go to per-thread memory reused by
+    lifetime (:mod:`swpfx.kernels.buffers`). With ``latency_target``
     latency is then PyTorch's, predicted by
     :class:`swpfx.fused_runtime_model.FusedRuntimeModel` (calibrated here on first
     use, about 15 s), as a fraction of the dense model run the same way. Its ONNX

@@ -16,6 +16,7 @@ from swpfx.convert import convert
 from swpfx.cost import cost
 from swpfx.estimate import ConversionEstimate, predict_graph
 from swpfx.importance import normalize_per_layer
+from swpfx.kernels import stripe_conv
 
 
 @torch.no_grad()
@@ -219,6 +220,28 @@ def test_measured_latency_target_warns_when_no_round_meets_it(resnet_prepared, m
     rounds = deployed.meta["swpfx"]["cut"]["measured"]
     assert len(rounds) == 2 and rounds[1]["predicted_target"] < rounds[0]["predicted_target"]
     assert deployed.meta["swpfx"]["cut"]["measured_ratio"] == pytest.approx(0.9)
+
+
+@pytest.mark.skipif(not stripe_conv.is_available(), reason=f"fused stripe kernel unavailable: "
+                    f"{stripe_conv.unavailable_reason()}")
+def test_measured_fused_latency_target_times_the_dense_model_on_the_kernel(resnet_prepared, monkeypatch):
+    from swpfx.fused_runtime_model import FusedRuntimeModel
+    from swpfx.kernels.fused_conv import FusedStripeConv2d
+
+    prepared, _ = resnet_prepared
+    pricing = FusedRuntimeModel()
+    timed = []
+
+    def torch_and_ort_latencies(torch_models, onnx_paths, example_inputs, threads=2, **kwargs):
+        dense, converted = torch_models["dense"], torch_models["converted"]
+        assert not onnx_paths and sum(isinstance(m, FusedStripeConv2d) for m in dense.modules()) == 20
+        timed.append(converted)
+        return {"dense": 10.0, "converted": 10.0 * 1.1 * predict_graph(converted, pricing) / predict_graph(dense, pricing)}
+
+    monkeypatch.setattr(importlib.import_module("swpfx.timing"), "torch_and_ort_latencies", torch_and_ort_latencies)
+    deployed = convert(prepared, latency_target=0.6, lowering="fused", runtime_model=pricing, measure=2)
+    rounds = deployed.meta["swpfx"]["cut"]["measured"]
+    assert len(rounds) == 2 and rounds[0]["measured"] > 0.6 >= rounds[1]["measured"] and timed[-1] is deployed
 
 
 def test_measure_needs_a_latency_target_and_a_round_count(resnet_prepared):
