@@ -55,6 +55,7 @@ PASS = "analyze_channels"
 
 # Read only the shape of their input (e.g. the ones map of a removed channel's constant).
 SHAPE_ONLY_FUNCTIONS = {torch.ones_like, torch.zeros_like, torch.empty_like, torch.full_like}
+SHAPE_ONLY_METHODS = {"new_ones", "new_zeros", "new_empty", "new_full"}  # read their tensor's dtype and device only
 
 
 def components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -243,8 +244,11 @@ class ChannelGraph:
 
     @staticmethod
     def is_shape_only(node: fx.Node) -> bool:
-        """``torch.ones_like(x)``, and a ``x[...]`` slice read only by such ops: its values never matter."""
+        """``torch.ones_like(x)``, ``x.new_ones(size)``, and a ``x[...]`` slice read only by such ops: its values
+        never matter."""
         if node.op == "call_function" and node.target in SHAPE_ONLY_FUNCTIONS:
+            return True
+        if node.op == "call_method" and node.target in SHAPE_ONLY_METHODS:
             return True
         return (node.op == "call_function" and node.target is operator.getitem and bool(node.users)
                 and all(u.op == "call_function" and u.target in SHAPE_ONLY_FUNCTIONS for u in node.users))

@@ -341,7 +341,8 @@ register(StochasticDepth, stochastic_depth)(lambda call: OpCount(0, 0, "view", "
 
 MEMORY_FUNCTIONS = (F.pad, torch.cat, torch.concat, torch.concatenate, torch.stack, torch.roll, torch.flip,
                     torch.tile, torch.constant_pad_nd, torch.clone, torch.zeros_like, torch.ones_like)
-MEMORY_METHODS = ("repeat", "tile", "flip", "roll", "clone", "to", "float", "half", "double", "type", "copy_")
+MEMORY_METHODS = ("repeat", "tile", "flip", "roll", "clone", "to", "float", "half", "double", "type", "copy_",
+                  "new_ones", "new_zeros", "new_empty", "new_full")
 register(*MEMORY_FUNCTIONS, *MEMORY_METHODS, nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d,
          nn.ReplicationPad2d, nn.CircularPad2d)(lambda call: OpCount(0, 0, "memory"))
 register(torch.index_select, torch.gather, torch.take, torch.take_along_dim, "index_select", "gather",

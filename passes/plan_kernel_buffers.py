@@ -75,7 +75,9 @@ FRESH_FUNCTIONS = frozenset({operator.add, operator.sub, operator.mul, operator.
                              torch.mul, torch.cat, torch.stack, torch.ones_like, torch.zeros_like, torch.empty_like,
                              torch.mean, torch.sum, torch.relu, torch.sigmoid, torch.tanh, F.adaptive_avg_pool2d,
                              F.avg_pool2d, F.max_pool2d, F.conv2d, F.linear})
-FRESH_METHODS = frozenset({"add", "sub", "mul", "mean", "sum", "clone", "sigmoid", "tanh"})
+FRESH_METHODS = frozenset({"add", "sub", "mul", "mean", "sum", "clone", "sigmoid", "tanh", "new_ones", "new_zeros",
+                           "size", "dim"})
+SHAPE_ATTRIBUTES = frozenset({"shape", "dtype", "device"})  # getattr of these returns no tensor view
 FRESH_MODULES = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.MaxPool2d)
 # Ops whose result may be the value itself or a view of it (or that change it in place): followed to their readers.
 VIEW_FUNCTIONS = frozenset({operator.getitem, torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze,
@@ -91,6 +93,8 @@ def aliasing(gm: fx.GraphModule, node: fx.Node) -> str | None:
     if node.op == "call_function":
         if node.target is F.relu:  # in place when asked
             return "view" if node.kwargs.get("inplace") or (len(node.args) > 1 and node.args[1]) else "fresh"
+        if node.target is getattr:
+            return "fresh" if node.args[1] in SHAPE_ATTRIBUTES else None
         return "fresh" if node.target in FRESH_FUNCTIONS else "view" if node.target in VIEW_FUNCTIONS else None
     if node.op == "call_method":
         return "fresh" if node.target in FRESH_METHODS else "view" if node.target in VIEW_METHODS else None

@@ -335,7 +335,8 @@ def _add_bias(module: nn.Module, delta: torch.Tensor) -> None:
 
 @dataclass
 class DeadChannelConv:
-    """A position-dependent constant for a consumer conv: ``conv(chain(ones_like(base[:, :1])), weight)``."""
+    """A position-dependent constant for a consumer conv: ``conv(chain(ones_map(base)), weight)``, where the ones
+    map is ``base.new_ones((N, 1, H, W))`` with ``base``'s N, H, W (see ``_insert_dead_channel_conv``)."""
 
     weight: torch.Tensor  # (O, 1, Kh, Kw), float64
     base: fx.Node
@@ -343,7 +344,12 @@ class DeadChannelConv:
 
 
 def _insert_dead_channel_conv(gm: fx.GraphModule, node: fx.Node, consumer: nn.Conv2d, plan: DeadChannelConv) -> None:
-    """``node + conv(chain(ones_like(base[:, :1])))``: the removed channels' effect, at any input size."""
+    """``node + conv(chain(ones_map(base)))``: the removed channels' effect, at any input size.
+
+    The ones map is built from ``base``'s shape alone (``base.new_ones((N, 1, H, W))``), never by slicing
+    ``base``: ONNX Runtime keeps conv outputs in its channel-blocked layout, and a channel slice of one made it
+    reorder the whole activation out of that layout first (11 % of a pruned net's time, benchmarks/RESULTS.md).
+    """
     weight = plan.weight.to(consumer.weight.device, consumer.weight.dtype)
     conv = new_conv(weight, None, groups=1, like=consumer)
     conv.requires_grad_(False)  # a constant of the removed channels, not a trainable weight
@@ -351,8 +357,9 @@ def _insert_dead_channel_conv(gm: fx.GraphModule, node: fx.Node, consumer: nn.Co
     gm.add_submodule(path, conv)
     graph = gm.graph
     with graph.inserting_before(node):
-        first = graph.call_function(operator.getitem, (plan.base, (slice(None), slice(None, 1))))
-        x = graph.call_function(torch.ones_like, (first,))
+        shape = graph.call_function(getattr, (plan.base, "shape"))
+        n, h, w = (graph.call_function(operator.getitem, (shape, i)) for i in (0, 2, 3))
+        x = first = graph.call_method("new_ones", (plan.base, (n, 1, h, w)))
         for op in plan.chain:
             x = graph.create_node(op.op, op.target, (x, *op.args[1:]), dict(op.kwargs))
         dead = graph.call_module(path, (x,))
@@ -360,7 +367,7 @@ def _insert_dead_channel_conv(gm: fx.GraphModule, node: fx.Node, consumer: nn.Co
         add = graph.call_function(torch.add, (node, dead))
     node.replace_all_uses_with(add, delete_user_cb=lambda user: user is not add)
     conv_name = swpfx_meta(node).get("conv", node.name)
-    for new in (first, x, add):
+    for new in (shape, n, h, w, first, x, add):
         swpfx_meta(new).setdefault("role", "dead_channel_constant")
         swpfx_meta(new).setdefault("conv", conv_name)
     swpfx_meta(dead).update(role="dead_channel_conv", conv=conv_name)

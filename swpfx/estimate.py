@@ -66,12 +66,27 @@ def node_work(node: fx.Node) -> dict:
     ``reads`` is not an ORT amount (its elementwise ops cost by what they write); in PyTorch a pool that reads
     four times what it writes costs by what it reads (``swpfx.fused_runtime_model``).
     """
-    reads = _elems(node) if node.target is operator.getitem else sum(_elems(a) for a in node.all_input_nodes)
-    work = {"graph_elems": _elems(node), "graph_ops": 1, "reads": reads}  # indexing reads what it returns
+    if _reads_metadata_only(node):
+        reads = 0
+    elif node.target is operator.getitem:  # indexing reads what it returns
+        reads = _elems(node)
+    else:
+        reads = sum(_elems(a) for a in node.all_input_nodes)
+    work = {"graph_elems": _elems(node), "graph_ops": 1, "reads": reads}
     window = _pool_window(node)
     if window:  # a pool's reads are its windows'
         work["reads"], work["pool"] = work["graph_elems"] * window, True
     return work
+
+
+METADATA_METHODS = ("new_ones", "new_zeros", "new_empty", "new_full", "size", "dim")
+
+
+def _reads_metadata_only(node: fx.Node) -> bool:
+    """``x.shape``, ``x.size()``, ``x.new_ones(...)``: ops that read a tensor's shape, dtype or device, not its
+    values (remove_channels' ones maps are built so)."""
+    return (node.op == "call_method" and node.target in METADATA_METHODS) or \
+        (node.op == "call_function" and node.target is getattr)
 
 
 def _pool_window(node: fx.Node) -> int:
@@ -305,11 +320,11 @@ class ConversionEstimate:
                 base, chain = self.sources[site.node]
                 site.constants = values[base.name][0].flatten(1).mean(1)
                 site.position_dependent = bool(chain) or has_zero_padding(site.module)
-                # the ones map: base[:, :1] (a slice), ones_like, then the chain's ops, one channel each
-                spatial = [math.prod(n.meta["tensor_meta"].shape[2:]) for n in (base, base, *chain)]
-                # each reads the one before (the slice reads what it returns)
-                site.ones_map_work = {"graph_elems": sum(spatial), "graph_ops": len(spatial),
-                                      "reads": spatial[0] + sum(spatial[:-1])}
+                # the ones map: base.shape, its N, H and W, base.new_ones((N, 1, H, W)) (these read no values),
+                # then the chain's ops, one channel each, each reading the one before
+                spatial = [math.prod(n.meta["tensor_meta"].shape[2:]) for n in (base, *chain)]
+                site.ones_map_work = {"graph_elems": sum(spatial), "graph_ops": 4 + len(spatial),
+                                      "reads": sum(spatial[:-1])}
 
     # ------------------------------------------------------------ estimate
 

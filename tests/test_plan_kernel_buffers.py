@@ -247,7 +247,7 @@ def test_convert_fused_plans_the_kernel_outputs_and_stays_bit_exact():
     deployed, x = fused_resnet18()
     slots = {n.name: swpfx_meta(n)["buffer_slot"] for n in deployed.graph.nodes if "buffer_slot" in swpfx_meta(n)}
     # every kernel call (20 convs, the max pool) writes a slot: their readers are kernel calls, the dead-channel
-    # maps' getitem/ones_like, residual adds and the average pool; 3 slots suffice
+    # maps' shape/new_ones, residual adds and the average pool; 3 slots suffice
     assert len(slots) == 21 and deployed.kernel_buffers.slots == 3
     plain = without_plan(deployed)
     assert not hasattr(plain, "kernel_buffers")

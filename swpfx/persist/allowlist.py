@@ -52,6 +52,8 @@ TORCHVISION_WRAPPED = {
     "torchvision.models.swin_transformer": frozenset({"_get_relative_position_bias", "shifted_window_attention",
                                                       "_patch_merging_pad"}),
 }
+# Tensor methods torch.overrides does not list; remove_channels' ones maps call new_ones.
+CONSTRUCTOR_METHODS = frozenset({"new_ones", "new_zeros", "new_empty", "new_full"})
 TENSOR_METHOD_DENYLIST = frozenset({
     "apply_", "map_", "map2_", "register_hook", "register_post_accumulate_grad_hook", "backward", "storage",
     "untyped_storage", "share_memory_", "numpy", "tolist", "record_stream", "set_", "data_ptr", "retain_grad",
@@ -161,8 +163,8 @@ def tensor_methods() -> frozenset[str]:
         from torch.overrides import get_overridable_functions
 
         names = {getattr(f, "__name__", "") for f in get_overridable_functions()[torch.Tensor]}
-        _tensor_methods = frozenset(n for n in names if n and not n.startswith("_") and callable(
-            getattr(torch.Tensor, n, None))) - TENSOR_METHOD_DENYLIST
+        _tensor_methods = (frozenset(n for n in names if n and not n.startswith("_") and callable(
+            getattr(torch.Tensor, n, None))) | CONSTRUCTOR_METHODS) - TENSOR_METHOD_DENYLIST
     return _tensor_methods
 
 
