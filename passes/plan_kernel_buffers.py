@@ -189,3 +189,23 @@ def plan_kernel_buffers(gm: fx.GraphModule, takes_buffer: BufferPredicate,
     gm.graph.lint()
     gm.recompile()
     return result
+
+
+def unplan_kernel_buffers(gm: fx.GraphModule) -> PassResult:
+    """Undo :func:`plan_kernel_buffers` (in place): drop the ``buffers``/``slot`` keywords and the buffers node,
+    so every kernel call writes a fresh output again (for comparisons, and for callers that keep outputs)."""
+    modified = False
+    for node in gm.graph.nodes:
+        if {"buffers", "slot"} & set(node.kwargs):
+            node.kwargs = {k: v for k, v in node.kwargs.items() if k not in ("buffers", "slot")}
+            swpfx_meta(node).pop("buffer_slot", None)
+            modified = True
+    for node in [n for n in gm.graph.nodes if swpfx_meta(n).get("role") == ROLE and not n.users]:
+        target = node.target
+        gm.graph.erase_node(node)
+        gm.delete_submodule(target)
+        modified = True
+    gm.graph.lint()
+    gm.recompile()
+    return PassResult(gm, modified=modified)
+

@@ -23,7 +23,7 @@ import swpfx
 from swpfx.kernels import stripe_conv
 from swpfx.kernels.buffers import KernelBuffers, SlotBuffers
 from swpfx.passes.graph_utils import PassError, swpfx_meta
-from swpfx.passes.plan_kernel_buffers import ROLE, assign_slots, plan_kernel_buffers
+from swpfx.passes.plan_kernel_buffers import ROLE, assign_slots, plan_kernel_buffers, unplan_kernel_buffers
 from swpfx.synthetic import synthetic_skeletons_
 
 from helpers import RUNTIME_MODEL, randomize_batchnorm_
@@ -234,11 +234,7 @@ def fused_resnet18(seed: int = 0, size: int = 64):
 
 def without_plan(gm: fx.GraphModule) -> fx.GraphModule:
     plain = copy.deepcopy(gm)
-    for node in plain.graph.nodes:
-        node.kwargs = {k: v for k, v in node.kwargs.items() if k not in ("buffers", "slot")}
-    plain.graph.eliminate_dead_code()
-    plain.delete_all_unused_submodules()
-    plain.recompile()
+    assert unplan_kernel_buffers(plain).modified and not unplan_kernel_buffers(plain).modified
     return plain
 
 
