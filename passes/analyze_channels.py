@@ -47,7 +47,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .channel_rules import GroupedConv, NodeChannels, rule_for
-from .graph_utils import pass_error, tensor_shape
+from .graph_utils import NEW_TENSOR_METHODS, pass_error, tensor_shape
 
 __all__ = ["ChannelAnalysis", "ChannelGraph", "GroupedConv", "NodeChannels", "analyze_channels", "propagate_shapes"]
 
@@ -55,7 +55,6 @@ PASS = "analyze_channels"
 
 # Read only the shape of their input (e.g. the ones map of a removed channel's constant).
 SHAPE_ONLY_FUNCTIONS = {torch.ones_like, torch.zeros_like, torch.empty_like, torch.full_like}
-SHAPE_ONLY_METHODS = {"new_ones", "new_zeros", "new_empty", "new_full"}  # read their tensor's dtype and device only
 
 
 def components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -248,7 +247,7 @@ class ChannelGraph:
         never matter."""
         if node.op == "call_function" and node.target in SHAPE_ONLY_FUNCTIONS:
             return True
-        if node.op == "call_method" and node.target in SHAPE_ONLY_METHODS:
+        if node.op == "call_method" and node.target in NEW_TENSOR_METHODS:
             return True
         return (node.op == "call_function" and node.target is operator.getitem and bool(node.users)
                 and all(u.op == "call_function" and u.target in SHAPE_ONLY_FUNCTIONS for u in node.users))

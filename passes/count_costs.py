@@ -66,7 +66,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.ops import StochasticDepth, stochastic_depth
 
-from .graph_utils import META_KEY, get_attr_path, swpfx_meta
+from .graph_utils import META_KEY, NEW_TENSOR_METHODS, get_attr_path, swpfx_meta
 from .pass_result import PassResult
 
 PASS = "count_costs"
@@ -342,7 +342,7 @@ register(StochasticDepth, stochastic_depth)(lambda call: OpCount(0, 0, "view", "
 MEMORY_FUNCTIONS = (F.pad, torch.cat, torch.concat, torch.concatenate, torch.stack, torch.roll, torch.flip,
                     torch.tile, torch.constant_pad_nd, torch.clone, torch.zeros_like, torch.ones_like)
 MEMORY_METHODS = ("repeat", "tile", "flip", "roll", "clone", "to", "float", "half", "double", "type", "copy_",
-                  "new_ones", "new_zeros", "new_empty", "new_full")
+                  *sorted(NEW_TENSOR_METHODS))
 register(*MEMORY_FUNCTIONS, *MEMORY_METHODS, nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d,
          nn.ReplicationPad2d, nn.CircularPad2d)(lambda call: OpCount(0, 0, "memory"))
 register(torch.index_select, torch.gather, torch.take, torch.take_along_dim, "index_select", "gather",

@@ -13,6 +13,9 @@ from torch.fx.passes.shape_prop import TensorMetadata
 from torch.nn.utils import skip_init
 
 CONV2D_FUNCTIONS = (torch.conv2d, F.conv2d)
+# Tensor methods that build a new tensor from their tensor's dtype and device only, never its values
+# (remove_channels' ones maps call new_ones).
+NEW_TENSOR_METHODS = frozenset({"new_ones", "new_zeros", "new_empty", "new_full"})
 META_KEY = "swpfx"
 
 

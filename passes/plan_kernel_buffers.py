@@ -60,11 +60,12 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .graph_utils import pass_error, swpfx_meta, unique_attr_name
+from .graph_utils import NEW_TENSOR_METHODS, pass_error, swpfx_meta, unique_attr_name
 from .pass_result import PassResult
 
 PASS = "plan_kernel_buffers"
 ROLE = "kernel_buffers"
+KEYWORDS = ("buffers", "slot")  # what a planned call is given
 
 # takes_buffer(gm, node) -> whether the call_module node writes into given memory (see the module docstring)
 BufferPredicate = Callable[[fx.GraphModule, fx.Node], bool]
@@ -75,8 +76,8 @@ FRESH_FUNCTIONS = frozenset({operator.add, operator.sub, operator.mul, operator.
                              torch.mul, torch.cat, torch.stack, torch.ones_like, torch.zeros_like, torch.empty_like,
                              torch.mean, torch.sum, torch.relu, torch.sigmoid, torch.tanh, F.adaptive_avg_pool2d,
                              F.avg_pool2d, F.max_pool2d, F.conv2d, F.linear})
-FRESH_METHODS = frozenset({"add", "sub", "mul", "mean", "sum", "clone", "sigmoid", "tanh", "new_ones", "new_zeros",
-                           "size", "dim"})
+FRESH_METHODS = frozenset({"add", "sub", "mul", "mean", "sum", "clone", "sigmoid", "tanh", "size", "dim",
+                           *NEW_TENSOR_METHODS})
 SHAPE_ATTRIBUTES = frozenset({"shape", "dtype", "device"})  # getattr of these returns no tensor view
 FRESH_MODULES = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.MaxPool2d)
 # Ops whose result may be the value itself or a view of it (or that change it in place): followed to their readers.
@@ -166,7 +167,7 @@ def plan_kernel_buffers(gm: fx.GraphModule, takes_buffer: BufferPredicate,
     result = PlanKernelBuffersResult(gm, modified=False)
     candidates = {n for n in gm.graph.nodes if n.op == "call_module" and takes_buffer(gm, n)}
     for node in candidates:
-        if {"buffers", "slot"} & set(node.kwargs):
+        if set(KEYWORDS) & set(node.kwargs):
             raise pass_error(PASS, node, "the call already has keyword 'buffers' or 'slot' (planned twice?)")
     order = list(gm.graph.nodes)
     position = {n: i for i, n in enumerate(order)}
@@ -196,8 +197,8 @@ def unplan_kernel_buffers(gm: fx.GraphModule) -> PassResult:
     so every kernel call writes a fresh output again (for comparisons, and for callers that keep outputs)."""
     modified = False
     for node in gm.graph.nodes:
-        if {"buffers", "slot"} & set(node.kwargs):
-            node.kwargs = {k: v for k, v in node.kwargs.items() if k not in ("buffers", "slot")}
+        if set(KEYWORDS) & set(node.kwargs):
+            node.kwargs = {k: v for k, v in node.kwargs.items() if k not in KEYWORDS}
             swpfx_meta(node).pop("buffer_slot", None)
             modified = True
     for node in [n for n in gm.graph.nodes if swpfx_meta(n).get("role") == ROLE and not n.users]:

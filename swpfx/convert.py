@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import tempfile
+import warnings
+from pathlib import Path
 
 import torch
 from torch import fx
@@ -272,11 +275,7 @@ def meet_measured_latency(build, latency_target: float, dense: fx.GraphModule, i
     """``convert(measure=rounds)``: ``build(target)`` -> (gm, removal, cut) repeated with the target divided by
     the last round's miss (measured over predicted ratio); returns the best round's (gm, removal, cut),
     ``cut["measured"]`` listing every round."""
-    import tempfile
-    import warnings
-    from pathlib import Path
-
-    from swpfx.export import export_onnx
+    from swpfx.export import export_onnx  # loaded only when measuring (they load ONNX Runtime)
     from swpfx.timing import latencies, torch_and_ort_latencies
 
     threads = torch.get_num_threads()

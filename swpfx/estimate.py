@@ -39,7 +39,7 @@ from swpfx.passes.count_costs import lowered_instance
 from swpfx.passes.fold_skeletons import fold_skeletons
 from swpfx.passes.form_work import dense_work, executed_macs, form_work
 from swpfx.passes.fuse_stripe_convs import Absorbed, absorbed_followers
-from swpfx.passes.graph_utils import swpfx_meta
+from swpfx.passes.graph_utils import NEW_TENSOR_METHODS, swpfx_meta
 from swpfx.passes.lower_stripe_convs import channelwise_followers, is_lowerable, takes_any_order, used_once
 from swpfx.passes.plan_kernel_buffers import ROLE as BUFFERS_ROLE
 from swpfx.passes.remove_channels import (constant_sources, dense_input_weight, has_zero_padding, keep_indices,
@@ -79,7 +79,7 @@ def node_work(node: fx.Node) -> dict:
     return work
 
 
-METADATA_METHODS = ("new_ones", "new_zeros", "new_empty", "new_full", "size", "dim")
+METADATA_METHODS = frozenset({"size", "dim", *NEW_TENSOR_METHODS})
 
 
 def _reads_metadata_only(node: fx.Node) -> bool:

@@ -16,6 +16,7 @@ from torch import fx, nn
 from swpfx.kernels.buffers import KernelBuffers
 from swpfx.kernels.fused_conv import FusedStripeConv2d
 from swpfx.kernels.max_pool import CompiledMaxPool2d
+from swpfx.passes.graph_utils import NEW_TENSOR_METHODS
 
 # ---------------------------------------------------------------- allowlists
 
@@ -52,8 +53,8 @@ TORCHVISION_WRAPPED = {
     "torchvision.models.swin_transformer": frozenset({"_get_relative_position_bias", "shifted_window_attention",
                                                       "_patch_merging_pad"}),
 }
-# Tensor methods torch.overrides does not list; remove_channels' ones maps call new_ones.
-CONSTRUCTOR_METHODS = frozenset({"new_ones", "new_zeros", "new_empty", "new_full"})
+# Tensor methods torch.overrides does not list (new_ones..., which remove_channels' ones maps call).
+CONSTRUCTOR_METHODS = NEW_TENSOR_METHODS
 TENSOR_METHOD_DENYLIST = frozenset({
     "apply_", "map_", "map2_", "register_hook", "register_post_accumulate_grad_hook", "backward", "storage",
     "untyped_storage", "share_memory_", "numpy", "tolist", "record_stream", "set_", "data_ptr", "retain_grad",
