@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import re
 import subprocess
 import sys
@@ -168,14 +169,22 @@ def test_bench_measure_reports_each_conversion_round(capsys, monkeypatch):
     import swpfx.runtime_model as rm
 
     monkeypatch.setattr(rm, "default_runtime_model", lambda *a, **k: rm.RuntimeModel())  # no calibration in tests
+    converted = []  # the rounds themselves, unrounded: the printed ones have 3 decimals
+    convert_module = importlib.import_module("swpfx.convert")  # bench imports convert from it when called
+    real_convert = convert_module.convert
+    monkeypatch.setattr(convert_module, "convert",
+                        lambda *a, **k: converted.append(real_convert(*a, **k)) or converted[-1])
     code, out, err = run(capsys, "bench", DEMO_NET, "--input", "1,28,28", "--batch", "4", "--repeats", "3",
                          "--latency-target", "0.6", "--measure", "2")
     assert code == 0, err
     rounds = re.search(r"\(convert measure=2: predicted -> measured per round((?:, [\d.]+ -> [\d.]+)+)\)", out)
     assert rounds is not None, out
-    pairs = re.findall(r"([\d.]+) -> ([\d.]+)", rounds.group(1))
-    assert 1 <= len(pairs) <= 2 and float(pairs[0][0]) <= 0.6
-    assert len(pairs) == 1 or float(pairs[0][1]) > 0.6 or float(pairs[0][1]) < 0.6 * 0.95  # a second round had a reason
+    measured = converted[0].meta["swpfx"]["cut"]["measured"]
+    printed = re.findall(r"([\d.]+) -> ([\d.]+)", rounds.group(1))
+    assert printed == [(f"{r['predicted']:.3f}", f"{r['measured']:.3f}") for r in measured]
+    assert 1 <= len(measured) <= 2 and measured[0]["predicted"] <= 0.6
+    first = measured[0]["measured"]
+    assert len(measured) == 1 or first > 0.6 or first < 0.6 * 0.95  # a second round had a reason
     code, _, err = run(capsys, "bench", DEMO_NET, "--input", "1,28,28", "--measure", "2")
     assert code == 2 and "--measure checks a --latency-target" in err
 
