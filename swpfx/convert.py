@@ -271,7 +271,7 @@ MEASURE_TOLERANCE = 0.05  # a round measuring within this fraction below the tar
 
 
 def meet_measured_latency(build, latency_target: float, dense: fx.GraphModule, inputs: tuple, lowering: str,
-                          rounds: int):
+                          rounds: int, caller: str = "convert"):
     """``convert(measure=rounds)``: ``build(target)`` -> (gm, removal, cut) repeated with the target divided by
     the last round's miss (measured over predicted ratio); returns the best round's (gm, removal, cut),
     ``cut["measured"]`` listing every round."""
@@ -303,10 +303,12 @@ def meet_measured_latency(build, latency_target: float, dense: fx.GraphModule, i
             if latency_target * (1 - MEASURE_TOLERANCE) <= measured <= latency_target:
                 break
             target = min(1.0, cut["latency_ratio"] * latency_target / measured)  # the target over the miss
+            if any(math.isclose(target, r["predicted_target"], rel_tol=1e-9) for r in measured_rounds):
+                break  # the same cut again (filters move latency in steps): nothing new to measure
     (met, _), gm, removal, cut, measured = best
     cut = {**cut, "measured": measured_rounds, "measured_ratio": measured}
     if not met:
-        warnings.warn(f"swpfx.convert: no conversion measured within latency_target={latency_target} in "
+        warnings.warn(f"swpfx.{caller}: no conversion measured within latency_target={latency_target} in "
                       f"{len(measured_rounds)} rounds; kept the fastest, measured at {measured:.3f} of dense",
                       stacklevel=3)
     return gm, removal, cut

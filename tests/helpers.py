@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from swpfx.estimate import predict_graph
 from swpfx.runtime_model import RuntimeModel
 
 CONV2D_FUNCTIONS = (torch.conv2d, torch.nn.functional.conv2d)
@@ -163,3 +166,26 @@ def masked_reference(prepared, threshold: float = 0.05):
         for s in swpfx.skeletons(ref).values():
             s.masked_fill_(s.abs() <= threshold, 0.0)
     return ref
+
+
+def scripted_timing(monkeypatch, measured_of, batch: int | None = None):
+    """Make the measurements of ``convert(measure=...)`` (and ``BudgetPruner(measure=...)``) deterministic: the
+    converted model measures ``measured_of(predicted ratio at batch)`` of dense (ONNX Runtime's timing);
+    returns the list of timed converted models."""
+    timing = importlib.import_module("swpfx.timing")
+    timed = []
+
+    def latencies(models, example_inputs, threads=2, **kwargs):
+        dense, converted = models["dense"], models["converted"]
+        assert str(dense).endswith("dense.onnx")  # the dense model is exported once, not per round
+        timed.append(converted)
+        dense_seconds = predict_graph(dense_graph[0], RUNTIME_MODEL, batch)
+        predicted = predict_graph(converted, RUNTIME_MODEL, batch) / dense_seconds
+        return {"dense": 10.0, "converted": 10.0 * measured_of(predicted)}
+
+    dense_graph = []
+    convert_module = importlib.import_module("swpfx.convert")
+    build_dense = convert_module.build_dense
+    monkeypatch.setattr(convert_module, "build_dense", lambda *a: dense_graph.append(build_dense(*a)) or dense_graph[-1])
+    monkeypatch.setattr(timing, "latencies", latencies)
+    return timed

@@ -27,6 +27,9 @@ def test_accuracy_latency_quick(tmp_path):
             assert r["ratio_batch"] > 0 and r["ratio_b1"] > 0 and 0 < r["flops_ratio"] <= 1
             assert 0 <= r["accuracy_before"] <= 1 and 0 <= r["accuracy_after"] <= 1
     swpfx_row = next(r for r in runs if r["method"] == "swpfx-latency")
-    assert swpfx_row["predicted_ratio"] <= 0.5 + 1e-9  # latency_target meets its own prediction
+    assert swpfx_row["predicted_ratio"] <= swpfx_row["aimed_target"] + 1e-9  # latency_target meets its prediction
+    rounds = swpfx_row["aim_rounds"]  # --quick measures 2 rounds before training
+    assert 1 <= len(rounds) <= 2 and rounds[0]["predicted_target"] == 0.5
+    assert swpfx_row["aimed_target"] in [r["predicted_target"] for r in rounds]
     assert "| 0.5 |" in out.with_suffix(".md").read_text()
     assert out.with_suffix(".png").stat().st_size > 0

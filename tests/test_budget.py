@@ -9,7 +9,7 @@ import torch
 import torchvision
 
 import swpfx
-from helpers import BLOCK, RUNTIME_MODEL, masked_reference, randomize_batchnorm_
+from helpers import BLOCK, RUNTIME_MODEL, masked_reference, randomize_batchnorm_, scripted_timing
 from swpfx.budget import (block_removals, channel_groups, importance_scores, masks_for_latency_target, masks_pruning,
                           pruning_order, snapped_ladders)
 from swpfx.convert import convert
@@ -170,27 +170,6 @@ def test_latency_target_excludes_the_other_cuts(resnet_prepared):
             convert(resnet_prepared[0], latency_target=0.5, runtime_model=RUNTIME_MODEL, **other)
     with pytest.raises(ValueError, match="lowering='auto'"):
         convert(resnet_prepared[0], latency_target=0.5, lowering="never")
-
-
-def scripted_timing(monkeypatch, measured_of):
-    """Make the measurements of ``convert(measure=...)`` deterministic: the converted model measures
-    ``measured_of(predicted ratio)`` of dense; returns the list of timed converted models."""
-    timing = importlib.import_module("swpfx.timing")
-    timed = []
-
-    def latencies(models, example_inputs, threads=2, **kwargs):
-        dense, converted = models["dense"], models["converted"]
-        assert str(dense).endswith("dense.onnx")  # the dense model is exported once, not per round
-        timed.append(converted)
-        predicted = predict_graph(converted, RUNTIME_MODEL) / predict_graph(dense_graph[0], RUNTIME_MODEL)
-        return {"dense": 10.0, "converted": 10.0 * measured_of(predicted)}
-
-    dense_graph = []
-    convert_module = importlib.import_module("swpfx.convert")
-    build_dense = convert_module.build_dense
-    monkeypatch.setattr(convert_module, "build_dense", lambda *a: dense_graph.append(build_dense(*a)) or dense_graph[-1])
-    monkeypatch.setattr(timing, "latencies", latencies)
-    return timed
 
 
 def test_measured_latency_target_converts_again_with_the_target_over_the_miss(resnet_prepared, monkeypatch):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import swpfx
-from helpers import BLOCK, RUNTIME_MODEL, randomize_batchnorm_
+from helpers import BLOCK, RUNTIME_MODEL, randomize_batchnorm_, scripted_timing
 from swpfx.budget_pruner import BudgetPruner
 from swpfx.data import residual_bn_cnn
 from swpfx.estimate import predict_graph
@@ -133,3 +133,38 @@ def test_progress_out_of_range_and_unprepared_models_are_refused():
 def test_an_unreachable_target_is_refused_before_training_with_the_closest_value():
     with pytest.raises(ValueError, match=r"latency_target=0.01 is not reachable .* closest reachable value is 0\.\d+"):
         BudgetPruner(prepared_net(), latency_target=0.01, example_inputs=(X,), **FIXED)
+
+
+def test_measure_aims_training_at_the_cut_that_measures_within_the_target(monkeypatch):
+    timed = scripted_timing(monkeypatch, lambda r: 1.2 * r, batch=16)  # this graph measures 20 % over its prediction
+    prepared = prepared_net()
+    pruner = BudgetPruner(prepared, latency_target=0.6, example_inputs=(X,), **FIXED, updates=3, ramp=0.5,
+                          measure=3)
+    rounds = pruner.measured
+    assert len(rounds) == len(timed) == 2 and rounds[0]["predicted_target"] == 0.6 < rounds[0]["measured"]
+    assert rounds[1]["predicted_target"] == pytest.approx(0.6 * rounds[0]["predicted"] / rounds[0]["measured"])
+    assert rounds[1]["measured"] <= 0.6 and pruner.target == rounds[1]["predicted_target"] < 0.6 / 1.2 + 0.02
+    train_like(prepared, pruner)
+    assert pruner.report["latency_target"] == pruner.target
+    deployed = swpfx.convert(prepared, latency_target=pruner.target, example_inputs=(X,), **FIXED)
+    assert deployed_kept(prepared) == deployed.meta["swpfx"]["cut"]["kept_stripes"]  # training zeroed the cut
+    dense = swpfx.convert(prepared_net(), threshold=0.0, example_inputs=(X,), **FIXED)
+    predicted = predict_graph(deployed, RUNTIME_MODEL, batch=16) / predict_graph(dense, RUNTIME_MODEL, batch=16)
+    assert 1.2 * predicted <= 0.6  # what the scripted machine would measure
+
+
+def test_measure_warns_in_the_pruners_name_when_no_round_meets_the_target(monkeypatch):
+    scripted_timing(monkeypatch, lambda r: 0.9, batch=16)
+    with pytest.warns(UserWarning, match=r"swpfx.BudgetPruner: no conversion measured within latency_target=0.6"):
+        pruner = BudgetPruner(prepared_net(), latency_target=0.6, example_inputs=(X,), **FIXED, measure=2)
+    assert len(pruner.measured) == 2 and pruner.target == pruner.measured[0]["predicted_target"]  # the first was fastest
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"flops_target": 0.5, "measure": 2}, "measure checks a latency_target"),
+    ({"latency_target": 0.5, "measure": -1}, "measure must be a number of rounds"),
+    ({"latency_target": 0.5, "measure": True}, "measure must be a number of rounds"),
+])
+def test_measure_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=f"swpfx.BudgetPruner: {message}"):
+        BudgetPruner(prepared_net(), example_inputs=(X,), **FIXED, **kwargs)
