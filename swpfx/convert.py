@@ -177,7 +177,7 @@ def convert(
     ``torch.get_num_threads()`` threads; with ``lowering="fused"``, PyTorch), and
     while the measured ratio misses the target the conversion is repeated with the
     target divided by the miss (measured over predicted ratio), up to ``N``
-    conversions in all. The
+    conversions in all (fewer when a round's cut is an earlier one's again). The
     result is the most important cut that measured within the target (or, if none
     did, the fastest, with a warning); each round's predicted and measured ratio is
     in ``deployed.meta["swpfx"]["cut"]["measured"]``. A runtime model fitted on
@@ -289,6 +289,8 @@ def meet_measured_latency(build, latency_target: float, dense: fx.GraphModule, i
                 if round_index == 0:
                     raise
                 break
+            if any(math.isclose(cut["latency_ratio"], r["predicted"], rel_tol=1e-9) for r in measured_rounds):
+                break  # the cut of an earlier round again (latency moves in steps): nothing new to measure
             if lowering == "fused":
                 ms = torch_and_ort_latencies({"dense": dense, "converted": gm}, {}, inputs, threads=threads)
             else:
@@ -303,8 +305,6 @@ def meet_measured_latency(build, latency_target: float, dense: fx.GraphModule, i
             if latency_target * (1 - MEASURE_TOLERANCE) <= measured <= latency_target:
                 break
             target = min(1.0, cut["latency_ratio"] * latency_target / measured)  # the target over the miss
-            if any(math.isclose(target, r["predicted_target"], rel_tol=1e-9) for r in measured_rounds):
-                break  # the same cut again (filters move latency in steps): nothing new to measure
     (met, _), gm, removal, cut, measured = best
     cut = {**cut, "measured": measured_rounds, "measured_ratio": measured}
     if not met:
