@@ -271,6 +271,36 @@ def test_dense_and_padded_rows_agree(threads, generator, monkeypatch):
     assert not next(iter(packed._plans.values())).dense_rows
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_reading_the_input_in_place_agrees_with_packing_it(threads, generator, monkeypatch):
+    """Stride-1 "same" convs read the NCHW input itself, padding lanes masked: bit-identical to packing each band
+    (forced by SWPFX_KERNEL_PACK_ALL), on bands that reach into the padding above, below and beside the input."""
+    cases = [  # (C, O, H, W, kernel, padding, dilation, bands)
+        (12, 24, 13, 11, (3, 3), 1, 1, 5), (8, 16, 9, 9, (3, 3), 2, 2, 4), (6, 10, 12, 10, (3, 5), (1, 2), 1, 6),
+        (16, 16, 6, 6, (3, 3), 1, 1, 3), (5, 7, 10, 19, (1, 1), 0, 1, 4), (32, 32, 28, 28, (3, 3), 1, 1, 2),
+        (3, 8, 7, 7, (5, 5), 2, 1, 1), (4, 4, 1, 1, (3, 3), 1, 1, 1),
+    ]
+    in_place = stripe_conv.kernel_info()["vector_width"] >= 8  # dense rows (the portable build packs padded rows)
+    for c, o, h, w, kernel, padding, dilation, bands in cases:
+        weight = torch.randn(o, c, *kernel, generator=generator)
+        mask = make_mask("mixed", o, *kernel, generator)
+        bias = torch.randn(o, generator=generator)
+        x = torch.randn(2, c, h, w, generator=generator)
+        results = {}
+        for pack_all in ("1", "0"):
+            monkeypatch.setenv("SWPFX_KERNEL_PACK_ALL", pack_all)
+            packed = stripe_conv.pack_weights(weight, mask)  # fresh plans
+            results[pack_all] = stripe_conv.stripe_conv2d(x, packed, bias, padding=padding, dilation=dilation,
+                                                          threads=threads, bands=bands, relu=True)
+            assert next(iter(packed._plans.values())).in_place == (in_place and pack_all == "0")
+        expected = F.relu(reference_dilated(x, weight, mask, bias, 1, padding, dilation))
+        assert relative_error(results["0"], expected) <= REL_TOL
+        assert torch.equal(results["0"], results["1"])
+    packed = stripe_conv.pack_weights(weight, mask)
+    stripe_conv.stripe_conv2d(x, packed, bias, stride=2, padding=1)
+    assert not next(iter(packed._plans.values())).in_place  # stride 2: phase planes, packed
+
+
 def reference_dilated(x, weight, mask, bias, stride, padding, dilation):
     return F.conv2d(x, weight * mask[:, None], bias, stride=stride, padding=padding, dilation=dilation)
 

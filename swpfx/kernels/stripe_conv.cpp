@@ -14,14 +14,16 @@
 // few lanes: 7x7 is 63 flat positions = 4 vectors of 16). With "same"-style padding (every plane's real
 // input columns fit in Wo) the rows are packed "dense" instead: Wo floats, real columns only, so q =
 // y*Wo + x has no discarded columns, and a tap that reaches into the left/right padding loads its vectors
-// with the lanes that would read padding masked off (per band, tap class and vector, precomputed).
+// with the lanes that would read padding masked off (per band, tap class and vector, precomputed). Dense
+// rows at stride 1 are the input's own rows: such a conv reads its NCHW input in place, packs nothing, and
+// masks the lanes of taps reaching into the padding rows above and below as well ("in place").
 //
 // Work. The output is cut into R row bands x G filter groups (groups: contiguous filter ranges with
 // about equal kept stripes); an item is one (band, group). Items are ordered band-major and split into
-// one contiguous range per thread (below). Each thread packs, into its own buffer, the phase-plane
-// rows its band needs (the band plus the taps' reach below it), so no thread reads another's input
-// copy and there is no barrier between packing and compute; consecutive items of one band reuse the
-// packed copy. Per item, for each chunk of input channels, micro-tile of PV vectors and tap, the
+// one contiguous range per thread (below). Unless the conv reads its input in place, each thread packs,
+// into its own buffer, the phase-plane rows its band needs (the band plus the taps' reach below it), so
+// no thread reads another's input copy and there is no barrier between packing and compute; consecutive
+// items of one band reuse the packed copy. Per item, for each chunk of input channels, micro-tile of PV vectors and tap, the
 // group's filters keeping that tap are processed in blocks of <= F filters by a register-blocked
 // micro-kernel: F x PV accumulators, per channel PV vector loads of the shifted input and F broadcast
 // weights (packed per block as [C][F]), then one add (a filter's first block: a store) of the
@@ -523,9 +525,11 @@ struct Plan {
   // discarded outputs; a tap reading a padding column masks those lanes instead).
   std::int64_t Wrow, margin;  // margin: zeros in front of every packed plane (taps may read left of it)
   bool dense;
+  bool in_place;  // the taps read the NCHW input itself, nothing is packed (see swp_plan_create)
   std::vector<std::int64_t> plane_a, plane_b, plane_vlo;  // per plane some tap reads
   std::vector<std::int64_t> tap_plane, tap_off, tap_cls;
   std::vector<std::int64_t> cls_shift, cls_n;  // lane class: packed column x + shift must lie in [0, n)
+  std::vector<std::int64_t> cls_row;           // ... and, in place, input row (band row + cls_row) in [0, H)
   std::vector<std::uint8_t> cls_full;          // ... always true: load without a mask
   std::vector<std::int64_t> band_mask_off;     // per band: masks[off + cls * nv + v] (bit l: lane l valid)
   std::vector<std::uint32_t> masks;
@@ -618,6 +622,14 @@ struct Call {
   std::uint64_t id;
 };
 
+// Every lane of the n vectors is loaded (their masks are full): a plain load will do.
+inline bool all_lanes(const std::uint32_t* masks, int n) {
+  constexpr std::uint32_t full = VL >= 32 ? ~0u : (1u << VL) - 1;
+  for (int v = 0; v < n; ++v)
+    if (masks[v] != full) return false;
+  return true;
+}
+
 // One item: band r (output rows [y0, y1)) x filter group gi, on thread `slot`.
 void run_item(void* ctx, int /*slot*/, std::int64_t item) {
   const Call& call = *static_cast<const Call*>(ctx);
@@ -627,24 +639,30 @@ void run_item(void* ctx, int /*slot*/, std::int64_t item) {
   if (nfg == 0) return;
   const std::int64_t y0 = P.band_y[r], rows = P.band_y[r + 1] - y0;
   const std::int64_t nq = rows * P.Wrow, nv = (nq + VL - 1) / VL, ntiles = (nv + P.PV - 1) / P.PV;
-  const std::int64_t lps = band_plane_stride(P, rows);
+  const bool in_place = P.in_place;
+  // the input the taps read: the band's packed phase planes (lps floats per plane and channel) or the NCHW
+  // input itself from the band's first input row (one plane, H*W floats per channel)
+  const std::int64_t lps = in_place ? P.H * P.W : band_plane_stride(P, rows);
   const std::int64_t nplanes = static_cast<std::int64_t>(P.plane_a.size());
   ThreadState& st = thread_state();
-  float* in = st.input.get(static_cast<std::size_t>(nplanes * P.C * lps));
+  float* packed = in_place ? nullptr : st.input.get(static_cast<std::size_t>(nplanes * P.C * lps));
   float* buf = st.acc.get(static_cast<std::size_t>((nfg + 1) * ntiles * P.ts + VL));
-  if (!in || !buf) std::abort();  // out of memory in a worker: nothing sensible to return
-  if (st.call != call.id || st.band != r) {  // pack this band's input rows into this thread's buffer
+  if ((!in_place && !packed) || !buf) std::abort();  // out of memory in a worker: nothing sensible to return
+  if (!in_place && (st.call != call.id || st.band != r)) {  // pack this band's input rows into this thread's buffer
     for (std::int64_t k = 0; k < nplanes; ++k)
-      for (std::int64_t c = 0; c < P.C; ++c) pack_plane(P, call.xn, in + (k * P.C + c) * lps, k, c, y0, rows, lps);
+      for (std::int64_t c = 0; c < P.C; ++c)
+        pack_plane(P, call.xn, packed + (k * P.C + c) * lps, k, c, y0, rows, lps);
     st.call = call.id;
     st.band = r;
   }
+  const float* in = in_place ? call.xn + (y0 - P.ph) * P.W : packed;
   const std::int64_t rs = ntiles * P.ts;  // buffer row stride
   float* zero_row = buf + nfg * rs;
   const std::int32_t b0 = P.grp_blk[gi], b1 = P.grp_blk[gi + 1];
   std::int64_t base[64];
   const std::int64_t ntaps = P.Kh * P.Kw;
-  for (std::int64_t t = 0; t < ntaps && t < 64; ++t) base[t] = P.tap_plane[t] * P.C * lps + P.margin + P.tap_off[t];
+  for (std::int64_t t = 0; t < ntaps && t < 64; ++t)
+    base[t] = in_place ? P.tap_off[t] : P.tap_plane[t] * P.C * lps + P.margin + P.tap_off[t];
   const std::uint32_t* band_masks = P.masks.data() + P.band_mask_off[r];
   const Table& T = table();
   const int CC = P.grp_cc[gi];
@@ -662,7 +680,7 @@ void run_item(void* ctx, int /*slot*/, std::int64_t item) {
       const int pv = static_cast<int>(std::min<std::int64_t>(P.PV, nv - v0));
       const int nf = P.blk_nf[b];
       const std::int64_t cls = P.tap_cls[P.blk_tap[b]];
-      T.k[P.cls_full[cls] ? 0 : 1][pv - 1][nf - 1](
+      T.k[P.cls_full[cls] || all_lanes(band_masks + cls * nv + v0, pv) ? 0 : 1][pv - 1][nf - 1](
           xc + v0 * VL + base[P.blk_tap[b]], lps, P.wpack + P.blk_woff[b] + c0 * nf, cc, buf + m * P.ts,
           P.rows + P.blk_rows[b], static_cast<int>(rs), static_cast<unsigned>(P.blk_first[b]) & first_chunk,
           band_masks + cls * nv + v0);
@@ -802,6 +820,15 @@ void* swp_plan_create(std::int64_t C, std::int64_t H, std::int64_t W, std::int64
   std::int64_t max_vlo = 0;
   for (std::int64_t v : P->plane_vlo) max_vlo = std::max(max_vlo, v);
   P->margin = (max_vlo + 15) / 16 * 16;
+  // In place: with one phase plane whose dense rows are the input's own (stride 1, "same" padding: packed
+  // column v is input column v), the taps can read the NCHW input itself instead of a packed copy of each
+  // band: the same floats at the same offsets, so the same result, bit for bit, and no packing pass. Taps
+  // reading the padding (rows above or below the input, columns left or right) have those lanes masked; a
+  // masked lane is never loaded, so it may lie outside the input. Tiles load without masks only when all
+  // their lanes are valid (all_lanes), so no load reaches past the input.
+  const char* pack_all = std::getenv("SWPFX_KERNEL_PACK_ALL");  // testing and A/B: pack every band
+  P->in_place = P->dense && P->plane_a.size() == 1 && sh == 1 && sw == 1 && P->plane_vlo[0] == pw && Wo == W &&
+                !(pack_all && pack_all[0] && pack_all[0] != '0');
   // taps: offset in the packed plane and lane class (dense rows: packed column x + shift, valid in [0, n))
   P->tap_off.resize(Kh * Kw);
   P->tap_cls.resize(Kh * Kw);
@@ -810,14 +837,18 @@ void* swp_plan_create(std::int64_t C, std::int64_t H, std::int64_t W, std::int64
       const std::int64_t t = i * Kw + j, k = P->tap_plane[t];
       const std::int64_t shift = (dw * j) / sw - P->plane_vlo[k];
       const std::int64_t n = P->dense ? plane_vhi[k] - P->plane_vlo[k] : P->Wrow;
+      const std::int64_t row = P->in_place ? dh * i - ph : 0;  // in place: the tap's input row - the output row
       P->tap_off[t] = ((dh * i) / sh) * P->Wrow + shift;
       std::int64_t cls = 0;
-      while (cls < static_cast<std::int64_t>(P->cls_shift.size()) && (P->cls_shift[cls] != shift || P->cls_n[cls] != n))
+      while (cls < static_cast<std::int64_t>(P->cls_shift.size()) &&
+             (P->cls_shift[cls] != shift || P->cls_n[cls] != n || P->cls_row[cls] != row))
         ++cls;
       if (cls == static_cast<std::int64_t>(P->cls_shift.size())) {
         P->cls_shift.push_back(shift);
         P->cls_n.push_back(n);
-        P->cls_full.push_back(!P->dense || (shift == 0 && n == P->Wrow));  // padded rows store the zeros
+        P->cls_row.push_back(row);
+        // padded rows store the zeros; in place, all_lanes decides per tile
+        P->cls_full.push_back(!P->in_place && (!P->dense || (shift == 0 && n == P->Wrow)));
       }
       P->tap_cls[t] = cls;
     }
@@ -831,7 +862,8 @@ void* swp_plan_create(std::int64_t C, std::int64_t H, std::int64_t W, std::int64
         std::uint32_t bits = 0;
         for (int l = 0; l < VL; ++l) {
           const std::int64_t q = v * VL + l, col = q % P->Wrow + P->cls_shift[cls];
-          if (q < nq && col >= 0 && col < P->cls_n[cls]) bits |= 1u << l;
+          const std::int64_t row = band_y[r] + q / P->Wrow + P->cls_row[cls];
+          if (q < nq && col >= 0 && col < P->cls_n[cls] && (!P->in_place || (row >= 0 && row < H))) bits |= 1u << l;
         }
         P->masks.push_back(bits);
       }
@@ -845,6 +877,9 @@ void swp_pool_wake(int threads) { Pool::instance().wake(threads); }
 
 // 1 when the plan packs dense rows (Wo floats per row, edge taps masked), 0 for padded rows.
 int swp_plan_dense(void* plan) { return static_cast<Plan*>(plan)->dense ? 1 : 0; }
+
+// 1 when the plan's taps read the input in place (nothing packed), 0 when it packs each band's input rows.
+int swp_plan_in_place(void* plan) { return static_cast<Plan*>(plan)->in_place ? 1 : 0; }
 
 void swp_plan_destroy(void* plan) { delete static_cast<Plan*>(plan); }
 

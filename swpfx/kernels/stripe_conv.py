@@ -21,7 +21,9 @@ its own outputs, so threads share no accumulator, no
 input copy and no barrier. With "same"-style padding the packed rows hold only
 the real input columns and the taps that reach into the padding mask those
 lanes, so no output is computed and discarded (``SWPFX_KERNEL_PADDED_ROWS=1``
-stores the padding instead, as for other paddings). On Linux the workers are pinned to CPUs other than
+stores the padding instead, as for other paddings); at stride 1 those rows are
+the input's own, so such a conv reads its input in place and packs nothing
+(``SWPFX_KERNEL_PACK_ALL=1`` packs anyway, for tests and comparisons). On Linux the workers are pinned to CPUs other than
 the caller's (``SWPFX_KERNEL_PIN=0`` turns that off; ``SWPFX_KERNEL_SPIN_US``
 sets the spin time, default 100).
 
@@ -131,6 +133,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.swp_plan_run.argtypes = [vp, vp, i64, vp, vp, vp, c_int]
     lib.swp_plan_dense.restype = c_int
     lib.swp_plan_dense.argtypes = [vp]
+    lib.swp_plan_in_place.restype = c_int
+    lib.swp_plan_in_place.argtypes = [vp]
     lib.swp_pool_wake.restype = None
     lib.swp_pool_wake.argtypes = [c_int]
     lib.swp_max_pool2d.restype = c_int
@@ -273,6 +277,7 @@ class _Plan:
         if not self.handle:
             raise RuntimeError(f"swpfx.kernels.stripe_conv: the kernel rejected the plan (code {error.value})")
         self.dense_rows = bool(lib.swp_plan_dense(self.handle))
+        self.in_place = bool(lib.swp_plan_in_place(self.handle))  # the taps read the input itself, nothing packed
 
     def __del__(self):
         if getattr(self, "handle", None):
@@ -543,6 +548,9 @@ def partition(packed: StripePackedWeights, geometry: tuple, threads: int, pv: in
             nv = np.ceil(rows * wq / vl)
             ntiles = np.ceil(nv / pv)
             items = r_eff * g_eff
+            # Packing is charged even where the kernel reads its input in place (stride 1, "same"): without
+            # it the model picked partitions that ran slower in a fused graph (ResNet-18 1.007, VGG-16 1.022
+            # of the packed kernel's time, against 0.976 and 1.002 with it; random masks, 2 threads).
             pack = planes * c * (rows + ext_h) * wq * COST_PACK_FLOAT
             # item (band i, group j) cost
             comp = np.outer(nv * c, kept) + np.outer(ntiles, (nblocks + kh * kw) * nchunks) * COST_BLOCK_TILE \
