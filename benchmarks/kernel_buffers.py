@@ -23,6 +23,7 @@ import torch
 import torchvision
 
 import swpfx
+from report import table, write_report
 from swpfx.passes.plan_kernel_buffers import unplan_kernel_buffers
 from swpfx.runtime_model import machine_key
 from swpfx.synthetic import synthetic_skeletons_
@@ -85,14 +86,11 @@ def main(argv=None) -> int:
         "(seed 0, threshold 0.05); both variants bit-identical",
         f"- {args.rounds} rounds alternating the two variants in one process, each 2 warm-up and {args.burst} timed "
         "forwards; ms = median per variant, ratio = median of the per-round ratios", "",
-        "| model | masks | planned calls | slots | planned ms | fresh outputs ms | ratio |",
-        "|---|---|---|---|---|---|---|",
-        *(f"| {r['model']} | {r['protocol']} | {r['planned_calls']} | {r['slots']} | {r['planned_ms']:.2f} | "
-          f"{r['fresh_ms']:.2f} | {r['ratio']:.3f} |" for r in rows),
+        *table(["model", "masks", "planned calls", "slots", "planned ms", "fresh outputs ms", "ratio"],
+               [[r["model"], r["protocol"], str(r["planned_calls"]), str(r["slots"]), f"{r['planned_ms']:.2f}",
+                 f"{r['fresh_ms']:.2f}", f"{r['ratio']:.3f}"] for r in rows]),
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(args.out, lines)
     return 0
 
 

@@ -28,6 +28,7 @@ import onnxruntime as ort
 import torch
 
 import swpfx
+from report import table, write_report
 from swpfx.data import residual_bn_cnn
 from swpfx.runtime_model import machine_key
 from swpfx.timing import latencies
@@ -110,14 +111,12 @@ def main(argv=None) -> int:
         f"`swpfx.data.residual_bn_cnn`, random init and BatchNorm statistics, {args.dead:.0%} of each conv's filters "
         "dead, `convert(threshold=0.0, lowering=\"never\")`; the two constructions agree bit for bit",
         f"- ms: `swpfx.latencies` ({args.rounds} interleaved rounds × 3 blocks, min of the block medians)", "",
-        "| seed | ones maps | ReorderOutput: shape / slice | dense ms | shape ms | slice ms | shape / slice |",
-        "|---|---|---|---|---|---|---|",
-        *(f"| {r['seed']} | {r['maps']} | {r['reorders_shape']} / {r['reorders_slice']} | {r['dense']:.3f} | "
-          f"{r['shape']:.3f} | {r['slice']:.3f} | {r['shape'] / r['slice']:.3f} |" for r in rows),
+        *table(["seed", "ones maps", "ReorderOutput: shape / slice", "dense ms", "shape ms", "slice ms",
+                "shape / slice"],
+               [[str(r["seed"]), str(r["maps"]), f"{r['reorders_shape']} / {r['reorders_slice']}", f"{r['dense']:.3f}",
+                 f"{r['shape']:.3f}", f"{r['slice']:.3f}", f"{r['shape'] / r['slice']:.3f}"] for r in rows]),
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(args.out, lines)
     return 0
 
 
