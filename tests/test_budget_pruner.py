@@ -144,7 +144,11 @@ def test_measure_aims_training_at_the_cut_that_measures_within_the_target(monkey
     assert len(rounds) == len(timed) == 2 and rounds[0]["predicted_target"] == 0.6 < rounds[0]["measured"]
     assert rounds[1]["predicted_target"] == pytest.approx(0.6 * rounds[0]["predicted"] / rounds[0]["measured"])
     assert rounds[1]["measured"] <= 0.6 and pruner.target == rounds[1]["predicted_target"] < 0.6 / 1.2 + 0.02
+    first_aim = pruner.target
     train_like(prepared, pruner)
+    assert [a["update"] for a in pruner.aims] == [0, 3]  # at construction, then at the last cut on trained weights
+    assert pruner.aims[1]["rounds"][0]["predicted_target"] == first_aim and pruner.measured == pruner.aims[1]["rounds"]
+    assert pruner.aims[1]["target"] == pruner.target and pruner.measured[-1]["measured"] <= 0.6
     assert pruner.report["latency_target"] == pruner.target
     deployed = swpfx.convert(prepared, latency_target=pruner.target, example_inputs=(X,), **FIXED)
     assert deployed_kept(prepared) == deployed.meta["swpfx"]["cut"]["kept_stripes"]  # training zeroed the cut
