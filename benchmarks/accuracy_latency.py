@@ -134,7 +134,8 @@ def run_block(net: str, seed: int, targets: list[float], methods: list[str], epo
     """Train, prune (every method, every target), fine-tune and export for one net and seed; no timing but
     the pruner's and convert's own (``aims`` None: the pruner measures here, at construction and last update).
 
-    ``aims``: target -> ``aim_by_measuring``'s result for this net and seed (empty without ``measure``)."""
+    ``aims``: target -> ``aim_by_measuring``'s result for this net and seed (empty without ``measure``): the
+    pruner is then built at that aim and measures nothing."""
     warnings.filterwarnings("ignore")
     import swpfx
     from swpfx import demo
@@ -197,27 +198,20 @@ def run_block(net: str, seed: int, targets: list[float], methods: list[str], epo
             t0 = time.perf_counter()
             torch.manual_seed(seed)
             prepared = swpfx.prepare(build(net), (x1,))  # the dense net's initial weights
-            aim = {"target": target, "rounds": []} if aims is None else aims.get(target, {"target": target, "rounds": []})
-            try:
-                if aims is None:  # the user's recipe: the pruner measures, at construction and at its last update
-                    pruner = swpfx.BudgetPruner(prepared, latency_target=target, example_inputs=(xb,),
-                                                runtime_model=runtime_model, measure=measure)
-                else:
-                    pruner = swpfx.BudgetPruner(prepared, latency_target=aim["target"], example_inputs=(xb,),
-                                                runtime_model=runtime_model)
+            preset = {} if aims is None else aims.get(target, {})  # the main process's first aim, if it measured
+            try:  # aims None: the user's recipe, the pruner measures at construction and at its last update
+                pruner = swpfx.BudgetPruner(prepared, latency_target=preset.get("target", target),
+                                            example_inputs=(xb,), runtime_model=runtime_model,
+                                            measure=measure if aims is None else 0)
                 demo.train(prepared, x_train, y_train, epochs, demo.LR, seed, prepared=True, pruner=pruner,
                            progress=False)
                 trained_acc = demo.accuracy(prepared, x_test, y_test)
-                if aims is None:
-                    aim = {"target": pruner.target, "aims": pruner.aims}
-                else:
-                    aim["aims"] = [{"update": 0, "target": aim["target"], "rounds": aim["rounds"]}] if aim["rounds"] else []
                 train_s = time.perf_counter() - t0
                 if convert_measure:  # re-cut the trained net until it measures within t (times here)
                     deployed = swpfx.convert(prepared, latency_target=target, example_inputs=(xb,),
                                              runtime_model=runtime_model, measure=convert_measure)
                 else:
-                    deployed = swpfx.convert(prepared, latency_target=aim["target"], example_inputs=(xb,),
+                    deployed = swpfx.convert(prepared, latency_target=pruner.target, example_inputs=(xb,),
                                              runtime_model=runtime_model)
             except ValueError as exc:  # the target is not reachable on this net
                 log(f"{tag} t={target}: swpfx latency_target failed: {exc}")
@@ -228,7 +222,8 @@ def run_block(net: str, seed: int, targets: list[float], methods: list[str], epo
                          "kept_stripes": cut["kept_stripes"] / cut["total_stripes"],
                          "kept_importance": cut["kept_importance"],
                          "candidates": cut["candidates"], "cut_table": swpfx.cut_table(deployed),
-                         "aimed_target": aim["target"], "aims": aim["aims"],
+                         "aimed_target": pruner.target,
+                         "aims": pruner.aims if aims is None else preset.get("aims", []),
                          "convert_rounds": cut.get("measured", [])}
                 meets = cut["latency_ratio"] <= cut["latency_target"]
                 if "swpfx-latency" in methods:
@@ -238,7 +233,7 @@ def run_block(net: str, seed: int, targets: list[float], methods: list[str], epo
                 log(f"{tag} t={target}: swpfx trained {epochs} epochs (BudgetPruner) in {train_s:.0f} s, "
                     f"accuracy {trained_acc:.4f}; cut {cut['granularity']}, "
                     f"{100 * extra['kept_stripes']:.0f} % stripes kept, predicted {cut['latency_ratio']:.3f} "
-                    f"(aimed at {aim['target']:.3f})")
+                    f"(aimed at {pruner.target:.3f})")
         for method in (m for m in methods if m in peers):
             t0 = time.perf_counter()
             found = mildest_meeting(peers[method], ratio_of, target)
@@ -286,9 +281,9 @@ def measuring(row) -> tuple[int, int, bool]:
 
 def aim_by_measuring(net: str, seed: int, targets: list[float], batch: int, measure: int, runtime_model,
                      threads: int) -> dict:
-    """target -> {"target": the predicted target BudgetPruner(measure=...) aims training at, "rounds": its
-    measured rounds}, for the net's initial weights of ``seed`` — what the worker's pruner would find, measured
-    here, in the main process, while nothing else runs."""
+    """target -> {"target": the predicted target BudgetPruner(measure=...) aims training at, "aims": its
+    ``aims``}, for the net's initial weights of ``seed`` — what the worker's pruner would find at construction,
+    measured here, in the main process, while nothing else runs."""
     import swpfx
     from swpfx import demo
 
@@ -305,7 +300,7 @@ def aim_by_measuring(net: str, seed: int, targets: list[float], batch: int, meas
         except ValueError as exc:  # not reachable: the worker reports it
             log(f"{net} seed {seed} t={target}: no aim ({exc})")
             continue
-        aims[target] = {"target": pruner.target, "rounds": pruner.measured}
+        aims[target] = {"target": pruner.target, "aims": pruner.aims}
         log(f"{net} seed {seed} t={target}: training aims at predicted {pruner.target:.3f} (predicted -> measured: "
             + ", ".join(f"{r['predicted']:.3f} -> {r['measured']:.3f}" for r in pruner.measured) + ")")
     return aims

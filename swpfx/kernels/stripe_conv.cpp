@@ -23,10 +23,10 @@
 // one contiguous range per thread (below). Unless the conv reads its input in place, each thread packs,
 // into its own buffer, the phase-plane rows its band needs (the band plus the taps' reach below it), so
 // no thread reads another's input copy and there is no barrier between packing and compute; consecutive
-// items of one band reuse the packed copy. Per item, for each chunk of input channels, micro-tile of PV vectors and tap, the
-// group's filters keeping that tap are processed in blocks of <= F filters by a register-blocked
-// micro-kernel: F x PV accumulators, per channel PV vector loads of the shifted input and F broadcast
-// weights (packed per block as [C][F]), then one add (a filter's first block: a store) of the
+// items of one band reuse the packed copy. Per item, for each chunk of input channels, micro-tile of PV
+// vectors and tap, the group's filters keeping that tap are processed in blocks of <= F filters by a
+// register-blocked micro-kernel: F x PV accumulators, per channel PV vector loads of the shifted input and
+// F broadcast weights (packed per block as [C][F]), then one add (a filter's first block: a store) of the
 // accumulators into a per-thread buffer. The item ends by storing its outputs (band rows x group
 // filters) into the NCHW output with bias, an optional residual and ReLU fused. Items never share an
 // accumulator or an output element; the summation order of every output is fixed by the weights alone
@@ -827,8 +827,8 @@ void* swp_plan_create(std::int64_t C, std::int64_t H, std::int64_t W, std::int64
   // masked lane is never loaded, so it may lie outside the input. Tiles load without masks only when all
   // their lanes are valid (all_lanes), so no load reaches past the input.
   const char* pack_all = std::getenv("SWPFX_KERNEL_PACK_ALL");  // testing and A/B: pack every band
-  P->in_place = P->dense && P->plane_a.size() == 1 && sh == 1 && sw == 1 && P->plane_vlo[0] == pw && Wo == W &&
-                !(pack_all && pack_all[0] && pack_all[0] != '0');
+  // (stride 1 leaves one plane, phase (0, 0), whose dense rows start at input column 0: plane_vlo = pw)
+  P->in_place = P->dense && sh == 1 && sw == 1 && Wo == W && !(pack_all && pack_all[0] && pack_all[0] != '0');
   // taps: offset in the packed plane and lane class (dense rows: packed column x + shift, valid in [0, n))
   P->tap_off.resize(Kh * Kw);
   P->tap_cls.resize(Kh * Kw);

@@ -23,9 +23,9 @@ the real input columns and the taps that reach into the padding mask those
 lanes, so no output is computed and discarded (``SWPFX_KERNEL_PADDED_ROWS=1``
 stores the padding instead, as for other paddings); at stride 1 those rows are
 the input's own, so such a conv reads its input in place and packs nothing
-(``SWPFX_KERNEL_PACK_ALL=1`` packs anyway, for tests and comparisons). On Linux the workers are pinned to CPUs other than
-the caller's (``SWPFX_KERNEL_PIN=0`` turns that off; ``SWPFX_KERNEL_SPIN_US``
-sets the spin time, default 100).
+(``SWPFX_KERNEL_PACK_ALL=1`` packs anyway, for tests and comparisons). On Linux
+the workers are pinned to CPUs other than the caller's (``SWPFX_KERNEL_PIN=0``
+turns that off; ``SWPFX_KERNEL_SPIN_US`` sets the spin time, default 100).
 
 ``stripe_conv2d(x, pack_weights(weight, mask), bias, stride, padding, dilation)``
 equals ``F.conv2d(x, weight * mask[:, None], bias, stride, padding, dilation)``
