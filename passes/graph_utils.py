@@ -139,6 +139,35 @@ def ancestors(node: fx.Node) -> Iterator[fx.Node]:
         stack.extend(n.all_input_nodes)
 
 
+def on_every_path(graph: fx.Graph) -> set[fx.Node]:
+    """The nodes every path from the graph's inputs to its output runs through (the output's dominators).
+
+    Example:
+        >>> class Branchy(torch.nn.Module):
+        ...     def forward(self, x):
+        ...         y = x.relu()
+        ...         return y + y.sigmoid()
+        >>> sorted(n.name for n in on_every_path(fx.symbolic_trace(Branchy()).graph))
+        ['add', 'output', 'relu', 'x']
+    """
+    import networkx as nx
+
+    flow, source = nx.DiGraph(), "<inputs>"
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            flow.add_edge(source, node)
+        flow.add_edges_from((node, user) for user in node.users)
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    if source not in flow or output not in nx.descendants(flow, source):
+        return set()
+    dominator = nx.immediate_dominators(flow, source)
+    chain, node = set(), output
+    while node != source:
+        chain.add(node)
+        node = dominator[node]
+    return chain
+
+
 def depends_only_on_attributes(node: fx.Node) -> bool:
     """True if ``node`` is computed from module attributes alone (no inputs, no submodule calls)."""
     if node.op == "get_attr":

@@ -23,8 +23,11 @@ also with importance counted per predicted second of its layer (``"filter/ms"``,
 ...) — walks channel blocks down one layer group at a time (``"blocks"``, as a
 channel pruner with ``round_to`` does), tries blocks-then-stripes mixes, and
 keeps the cut that keeps the most importance: it can always fall back to
-removing filters, so it is never worse than filter pruning by that measure. :class:`swpfx.BudgetPruner` trains towards
-the same cut.
+removing filters, so it is never worse than filter pruning by that measure.
+Its single-unit orders stop at a floor (:func:`collapse_floor`): every conv on
+all paths from input to output keeps a channel block of filters with one
+stripe each, so no cut severs the network. :class:`swpfx.BudgetPruner` trains
+towards the same cut.
 Either way, stripes whose pruning buys nothing — in convs that stay dense, or
 in pruned filters the graph must keep — are given back
 (:func:`revive_free_stripes`) before a cut is priced.
@@ -39,11 +42,23 @@ from torch import fx
 
 from swpfx.estimate import ConversionEstimate
 from swpfx.importance import DEFAULT_SCOPE, normalize_per_layer, stripe_importance, stripe_ranks
+from swpfx.passes.graph_utils import on_every_path
 from swpfx.prepare import skeletons
 
 GRANULARITIES = ("stripe", "filter", "snapped")
 LATENCY_ORDERS = ("filter", "snapped", "stripe", "filter/ms", "snapped/ms", "stripe/ms")
 DEFAULT_MIXES = 3  # filter-then-stripe cuts tried by the latency budget
+
+
+class UnreachableTarget(ValueError):
+    """A budget no cut meets; ``closest`` is the lowest ratio any cut reached."""
+
+    def __init__(self, message: str, closest: float):
+        super().__init__(message)
+        self.closest = closest
+
+    def __reduce__(self):  # picklable, for errors raised in worker processes
+        return type(self), (str(self), self.closest)
 
 
 def importance_scores(prepared: fx.GraphModule, scope: str = DEFAULT_SCOPE) -> dict[str, torch.Tensor]:
@@ -127,6 +142,35 @@ def pruning_order(prepared: fx.GraphModule, granularity: str = "stripe", scope: 
                               tiebreak={n: torch.arange(3.0).expand_as(score) for n, (_, score) in ladders.items()})
     ranks = {n: step_ranks[n].gather(1, step.flatten(1)).view_as(step) for n, (step, _) in ladders.items()}
     return ranks, always, sum(r.numel() for r in step_ranks.values())
+
+
+def collapse_floor(scores: dict[str, torch.Tensor], always: dict[str, torch.Tensor], filters: int,
+                   essential: set[str]) -> dict[str, torch.Tensor]:
+    """Per conv, the stripes no latency cut removes: in an ``essential`` conv, the best stripe of each of
+    its ``filters`` best filters; none elsewhere.
+
+    A global order can prune every stripe of a cheap layer; for a conv on every
+    path from input to output (:func:`on_every_path`) that severs the network,
+    and a net trained towards such a cut learns nothing (10 % on the no-BN demo
+    net at 0.35 of dense latency, benchmarks/RESULTS.md). A channel block of
+    filters with one stripe each keeps the path open at the cost of a 1×1-like
+    conv; conversion keeps a block of channels anyway. A conv off that path (a
+    residual branch) may go entirely. Hard zeros (``always``) are never part of the floor.
+
+    >>> scores = {"a": torch.tensor([[[1., 4.]], [[3., 2.5]], [[0., 1.]]]), "b": torch.ones(1, 1, 2)}
+    >>> always = {n: torch.zeros_like(s, dtype=torch.bool) for n, s in scores.items()}
+    >>> floor = collapse_floor(scores, always, 2, {"a"})
+    >>> floor["a"].flatten(1).tolist(), bool(floor["b"].any())
+    ([[False, True], [True, False], [False, False]], False)
+    """
+    floors = {name: torch.zeros_like(always[name]) for name in scores}
+    for name, score in ((n, s) for n, s in scores.items() if n in essential):
+        flat = score.detach().double().cpu().flatten(1).masked_fill(always[name].flatten(1), -math.inf)
+        best_filters = flat.clamp_min(0).sum(1).topk(min(filters, len(flat))).indices
+        floor = torch.zeros_like(flat, dtype=torch.bool)
+        floor[best_filters, flat[best_filters].argmax(1)] = True
+        floors[name] = (floor & ~always[name].flatten(1)).view_as(always[name])
+    return floors
 
 
 def masks_pruning(ranks: dict[str, torch.Tensor], always: dict[str, torch.Tensor], count: int) -> dict[str, torch.Tensor]:
@@ -409,12 +453,16 @@ def masks_for_latency_target(prepared: fx.GraphModule, latency_target: float, lo
     seconds = {d.conv: d.seconds / d.total_stripes for d in dense_estimate.decisions if d.conv}
     built = {order: pruning_order(prepared, order.split("/")[0], scope, sticky_zeros,
                                   seconds if order.endswith("/ms") else None) for order in orders}
+    block = channel_multiple if channel_multiple > 1 else runtime_model.block
+    essential = on_every_path(estimator.gm.graph)
+    floor = collapse_floor(scores, hard_zeros(prepared, sticky_zeros), block,
+                           {site.name for site in estimator.convs if site.node in essential})
 
     def cutter(order: str, prefix: dict | None = None):
         ranks, always, units = built[order]
 
         def raw(count: int) -> dict[str, torch.Tensor]:
-            masks = masks_pruning(ranks, always, count)
+            masks = {n: m | floor[n] for n, m in masks_pruning(ranks, always, count).items()}
             return masks if prefix is None else {n: m & prefix[n] for n, m in masks.items()}
         return raw, always, units
 
@@ -429,8 +477,7 @@ def masks_for_latency_target(prepared: fx.GraphModule, latency_target: float, lo
     stop_budgets = [dense * (1 - (1 - latency_target) * j / (mixes + 1)) for j in range(1, mixes + 1)]
     if blocks:  # channel blocks removed layer by layer: alone, and as the prefix of the mixes
         always = hard_zeros(prepared, sticky_zeros)
-        steps = block_removals(estimator, scores, {n: ~a for n, a in always.items()}, budget,
-                               channel_multiple if channel_multiple > 1 else runtime_model.block)
+        steps = block_removals(estimator, scores, {n: ~a for n, a in always.items()}, budget, block)
         searches.append(("blocks", lambda count: steps[min(count, len(steps) - 1)][0], always, len(steps) - 1, None))
         stops = sorted({next((i for i, (_, s) in enumerate(steps) if s <= limit), len(steps) - 1)
                         for limit in stop_budgets} - {0}) if rest else []
@@ -458,9 +505,10 @@ def masks_for_latency_target(prepared: fx.GraphModule, latency_target: float, lo
         if ratio <= latency_target and (best is None or kept > best[0]):
             best = (kept, name, pruned, masks, estimate, ratio)
     if best is None:
-        raise ValueError(f"swpfx.convert: latency_target={latency_target} is not reachable on this model; the "
-                         f"closest reachable value is {closest:.3f} of the dense latency (runtime model: "
-                         f"{runtime_model.source})")
+        raise UnreachableTarget(
+            f"swpfx.convert: latency_target={latency_target} is not reachable on this model; the closest "
+            f"reachable value is {closest:.3f} of the dense latency (runtime model: {runtime_model.source}; every "
+            f"conv on all paths keeps {block} filters with one stripe each)", closest)
     kept, order, count, masks, estimate, ratio = best
     total = kept_importance({n: torch.ones_like(s, dtype=torch.bool) for n, s in scores.items()}, scores)
     report = {"latency_target": latency_target, "latency_ratio": ratio, "predicted_ms": 1e3 * estimate.seconds,

@@ -8,16 +8,21 @@ the budget itself — :func:`swpfx.budget.masks_for_latency_target` or
 :func:`~swpfx.budget.masks_for_flops_target`, priced by
 :class:`swpfx.estimate.ConversionEstimate` — for the cut at a target that falls
 linearly from 1 to ``latency_target`` (or ``flops_target``) over the first
-``ramp`` of training, recomputed ``updates`` times from the current importance,
+``ramp`` of training (default: the first third, leaving two thirds to train
+with the final cut), recomputed ``updates`` times from the current importance,
 and keeps the stripes outside the latest cut at zero after every optimizer step.
 The network trains with the very cut it will be deployed with, so at the end
 ``swpfx.convert(prepared, threshold=0.0)`` meets the target and removes only
 what training has already zeroed.
 
 Between updates the cut is fixed; at an update, stripes zeroed earlier rank
-first (their importance is 0) but are not forced: if the new cut does not need
-them (they sit in a conv that stays dense, or in a filter the graph keeps) they
-are given back and regrow.
+first (their importance is about 0) but are not forced: if the new cut does
+not need them (they sit in a conv that stays dense, or in a filter the graph
+keeps) they are given back and regrow. With ``nested=True`` each cut keeps the
+last one's zeros instead. What matters at deep cuts is the ramp's length, not
+nesting: at 0.27 of the dense latency (predicted) the BN residual net reached
+77-78 % with a ramp over 2/3 of training and 89-90 % over 1/3, nested or not
+(``benchmarks/pruner_schedule.py``, benchmarks/RESULTS.md).
 
 Example:
     >>> import torch, swpfx
@@ -44,9 +49,9 @@ from swpfx.budget import check_fraction, masks_for_flops_target, masks_for_laten
 from swpfx.importance import DEFAULT_SCOPE
 from swpfx.pipeline import convert_with_masks
 from swpfx.prepare import _require_prepared, skeletons
-from swpfx.training import DEFAULT_RAMP
 
 DEFAULT_UPDATES = 10
+DEFAULT_RAMP = 1 / 3  # of training; the last two thirds train with the final cut
 
 
 class BudgetPruner:
@@ -60,7 +65,8 @@ class BudgetPruner:
     remaining arguments are ``convert``'s. Call :meth:`step` after every
     ``optimizer.step()`` with ``progress = step / total_steps``; it recomputes
     the cut at ``updates`` evenly spaced points of the ramp (the first one at
-    ``ramp / updates``) and zeroes every stripe outside it, value and gradient.
+    ``ramp / updates``) and zeroes every stripe outside it, value and gradient;
+    with ``nested`` each cut keeps the last one's zeros.
     ``report`` is the latest cut's report (as in ``deployed.meta["swpfx"]["cut"]``).
     The goal's cut is computed once at construction, so an unreachable target
     raises there (naming the closest reachable value), not in the middle of training.
@@ -82,7 +88,8 @@ class BudgetPruner:
     def __init__(self, prepared: fx.GraphModule, *, latency_target: float | None = None,
                  flops_target: float | None = None, example_inputs=None, ramp: float = DEFAULT_RAMP,
                  updates: int = DEFAULT_UPDATES, runtime_model=None, channel_multiple: int | None = None,
-                 lowering: str = "auto", granularity: str = "stripe", scope: str = DEFAULT_SCOPE, measure: int = 0):
+                 lowering: str = "auto", granularity: str = "stripe", scope: str = DEFAULT_SCOPE, measure: int = 0,
+                 nested: bool = False):
         from swpfx.convert import (_check_args, default_channel_multiple, default_runtime_model_for,
                                    example_inputs_for, probe_and_batch)
 
@@ -103,6 +110,7 @@ class BudgetPruner:
         _check_args(None, flops_target, latency_target, lowering, channel_multiple, granularity)
         inputs = example_inputs_for(prepared, example_inputs, caller="BudgetPruner")
         self.prepared, self.target, self.ramp, self.updates = prepared, float(target), float(ramp), updates
+        self.nested = nested
         self.probe, self.batch = probe_and_batch(inputs)
         self.lowering, self.channel_multiple, self.granularity, self.scope = lowering, channel_multiple, granularity, scope
         if runtime_model is None:
@@ -145,7 +153,7 @@ class BudgetPruner:
         >>> [p.scheduled_target(k) for k in (1, 2, 4)]
         [0.85, 0.7, 0.4]
         """
-        return 1.0 - (1.0 - self.target) * update / self.updates
+        return self.target if update >= self.updates else 1.0 - (1.0 - self.target) * update / self.updates
 
     def due_updates(self, progress: float) -> int:
         """How many cuts should have been made by ``progress`` (the k-th is due at ``k · ramp / updates``)."""
@@ -164,16 +172,23 @@ class BudgetPruner:
         return self.apply_()
 
     def cut(self, target: float) -> tuple[dict[str, torch.Tensor], dict]:
-        """The budget's keep masks and report for ``target`` on the current weights (nothing is changed)."""
+        """The budget's keep masks and report for ``target`` on the current weights, within the last cut.
+
+        With ``nested``, the last cut's zeros are applied first (the optimizer
+        moves them off zero between steps) and every exact zero stays pruned;
+        without, they only rank first (their importance is about 0) and may regrow.
+        """
         was_training = self.prepared.training
+        if self.nested:
+            self.apply_()
         try:
             if self.kind == "latency":
                 return masks_for_latency_target(self.prepared, target, self.lowering, self.probe, self.runtime_model,
                                                 self.channel_multiple, self.scope, batch=self.batch,
-                                                sticky_zeros=False)
+                                                sticky_zeros=self.nested)
             return masks_for_flops_target(self.prepared, target, self.lowering, self.probe, self.channel_multiple,
                                           self.granularity, self.scope, runtime_model=self.runtime_model,
-                                          sticky_zeros=False)
+                                          sticky_zeros=self.nested)
         finally:
             self.prepared.train(was_training)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import fx
 
-from swpfx.budget import GRANULARITIES, masks_for_flops_target, masks_for_latency_target
+from swpfx.budget import GRANULARITIES, UnreachableTarget, masks_for_flops_target, masks_for_latency_target
 from swpfx.passes.fold_skeletons import stripe_masks
 from swpfx.passes.graph_utils import evaluate_attribute_expression, get_attr_path
 from swpfx.pipeline import convert_with_masks
@@ -270,11 +270,23 @@ def build_dense(prepared: fx.GraphModule, lowering: str, probe: tuple, channel_m
 MEASURE_TOLERANCE = 0.05  # a round measuring within this fraction below the target ends the search
 
 
+def build_within_reach(build, target: float, closest_instead: bool) -> tuple:
+    """``(*build(target), target)``; if ``target`` is out of reach and ``closest_instead``, built at the
+    closest reachable target instead."""
+    try:
+        return (*build(target), target)
+    except UnreachableTarget as exc:
+        if not closest_instead:
+            raise
+        return (*build(exc.closest), exc.closest)
+
+
 def meet_measured_latency(build, latency_target: float, dense: fx.GraphModule, inputs: tuple, lowering: str,
                           rounds: int, caller: str = "convert", first_target: float | None = None):
     """``convert(measure=rounds)``: ``build(target)`` -> (gm, removal, cut) repeated with the target divided by
-    the last round's miss (measured over predicted ratio), from ``first_target`` (default: ``latency_target``);
-    returns the best round's (gm, removal, cut), ``cut["measured"]`` listing every round."""
+    the last round's miss (measured over predicted ratio), from ``first_target`` (default: ``latency_target``),
+    or the closest reachable target when that is out of the runtime model's reach; returns the best round's
+    (gm, removal, cut), ``cut["measured"]`` listing every round."""
     from swpfx.export import export_onnx  # loaded only when measuring (they load ONNX Runtime)
     from swpfx.timing import latencies, torch_and_ort_latencies
 
@@ -283,12 +295,12 @@ def meet_measured_latency(build, latency_target: float, dense: fx.GraphModule, i
     with tempfile.TemporaryDirectory() as folder:
         dense_path = None if lowering == "fused" else export_onnx(dense, inputs, Path(folder) / "dense.onnx").path
         for round_index in range(rounds):
-            try:
-                gm, removal, cut = build(target)
-            except ValueError:  # a scaled target out of the runtime model's reach: keep what was measured
+            try:  # a re-aimed target past the runtime model's reach builds the fastest cut instead
+                gm, removal, cut, target = build_within_reach(build, target, closest_instead=round_index > 0)
+            except ValueError:
                 if round_index == 0:
                     raise
-                break
+                break  # keep what was measured
             if any(math.isclose(cut["latency_ratio"], r["predicted"], rel_tol=1e-9) for r in measured_rounds):
                 break  # the cut of an earlier round again (latency moves in steps): nothing new to measure
             if lowering == "fused":

@@ -223,7 +223,7 @@ def run_demo(out="demo-out", epochs: int | None = None, seed: int = 0, quick: bo
     prepared = swpfx.prepare(demo_cnn(), example)  # the same initial weights as the unpruned baseline
     stripes = sum(s.numel() for s in swpfx.skeletons(prepared).values())
     rule = (f"BudgetPruner (latency_target={latency_target}: the cut predicted to run at that fraction of the dense "
-            f"latency, ramped in by 2/3 of training)" if latency_target is not None else
+            f"latency, ramped in over the first third of training)" if latency_target is not None else
             f"the gradual rule ({sparsity:.0%} of its {stripes} stripes pruned by 2/3 of training)")
     log(f"training {epochs} epochs (AdamW lr {LR}): the unpruned baseline, then the prepared net with {rule}")
     t0 = time.perf_counter()

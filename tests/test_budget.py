@@ -10,8 +10,8 @@ import torchvision
 
 import swpfx
 from helpers import BLOCK, RUNTIME_MODEL, masked_reference, randomize_batchnorm_, scripted_timing
-from swpfx.budget import (block_removals, channel_groups, importance_scores, masks_for_latency_target, masks_pruning,
-                          pruning_order, snapped_ladders)
+from swpfx.budget import (UnreachableTarget, block_removals, channel_groups, importance_scores,
+                          masks_for_latency_target, masks_pruning, pruning_order, snapped_ladders)
 from swpfx.convert import convert
 from swpfx.cost import cost
 from swpfx.estimate import ConversionEstimate, predict_graph
@@ -162,6 +162,34 @@ def test_bad_latency_targets_are_rejected(resnet_prepared, bad):
 def test_unreachable_latency_target_names_the_closest_reachable_value(resnet_prepared):
     with pytest.raises(ValueError, match=r"not reachable.*closest reachable value is 0\.\d+"):
         convert(resnet_prepared[0], latency_target=0.01, runtime_model=RUNTIME_MODEL)
+
+
+def closest_reachable(prepared, x) -> float:
+    with pytest.raises(UnreachableTarget) as unreachable:
+        masks_for_latency_target(prepared, 0.01, "auto", (x,), RUNTIME_MODEL, BLOCK)
+    return unreachable.value.closest
+
+
+def test_the_deepest_latency_cut_leaves_every_conv_a_block_of_filters(prepared_and_input):
+    prepared, x = prepared_and_input  # a plain chain: a conv without filters would cut the network's only path
+    closest = closest_reachable(prepared, x)
+    masks, report = masks_for_latency_target(prepared, closest, "auto", (x,), RUNTIME_MODEL, BLOCK)
+    assert report["latency_ratio"] <= closest
+    for name, mask in masks.items():
+        assert int(mask.flatten(1).any(1).sum()) >= min(BLOCK, len(mask)), name
+
+
+def test_measure_reaimed_past_reach_converts_the_fastest_cut(resnet_prepared, monkeypatch):
+    prepared, x = resnet_prepared
+    closest = closest_reachable(prepared, x)
+    scripted_timing(monkeypatch, lambda r: 3.0 * r)  # far slower than predicted: the re-aim is out of reach
+    with pytest.warns(UserWarning, match="no conversion measured within latency_target=0.6"):
+        deployed = convert(prepared, latency_target=0.6, runtime_model=RUNTIME_MODEL, channel_multiple=BLOCK,
+                           measure=3)
+    rounds = deployed.meta["swpfx"]["cut"]["measured"]
+    assert 0.6 / 3.0 < closest  # the second round's aim is out of reach ...
+    assert len(rounds) == 2 and rounds[1]["predicted_target"] == pytest.approx(closest)  # ... so it cuts deepest
+    assert deployed.meta["swpfx"]["cut"]["measured_ratio"] == pytest.approx(3.0 * rounds[1]["predicted"])
 
 
 def test_latency_target_excludes_the_other_cuts(resnet_prepared):

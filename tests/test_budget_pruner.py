@@ -91,15 +91,40 @@ def test_the_cut_tightens_along_the_ramp_and_holds_between_updates():
     assert all(bool((s.grad[~pruner.masks[n]] == 0).all()) for n, s in skels.items())
 
 
-def test_zeros_of_an_earlier_cut_are_given_back_when_the_new_cut_does_not_need_them():
-    prepared = prepared_net(3)
+def zeroed_in_a_dense_conv(seed: int = 3):
+    prepared = prepared_net(seed)
     with torch.no_grad():
         swpfx.skeletons(prepared)["blocks.2.conv2"][:, 0, 0] = 0.0  # a conv that stays dense at target 1
-    pruner = BudgetPruner(prepared, latency_target=0.9, example_inputs=(X,), **FIXED)
+    return prepared
+
+
+def test_nested_cuts_keep_the_zeros_of_the_last_one():
+    pruner = BudgetPruner(zeroed_in_a_dense_conv(), latency_target=0.9, example_inputs=(X,), **FIXED, nested=True)
+    masks, _ = pruner.cut(1.0)
+    assert not bool(masks["blocks.2.conv2"][:, 0, 0].any())
+    assert all(bool(m.all()) for n, m in masks.items() if n != "blocks.2.conv2")
+    prepared = prepared_net(4)
+    pruner = BudgetPruner(prepared, latency_target=0.5, example_inputs=(X,), **FIXED, updates=4, ramp=0.8,
+                          nested=True)
+    earlier = None
+    for step in range(1, 9):  # weights move between updates; no stripe pruned by one cut returns in a later one
+        with torch.no_grad():
+            for p in prepared.parameters():
+                p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(step)))
+        pruner.step(step / 8)
+        if earlier is not None:
+            assert all(bool((pruner.masks[n] <= m).all()) for n, m in earlier.items())
+        if pruner.masks is not None:
+            earlier = {n: m.clone() for n, m in pruner.masks.items()}
+    assert pruner.done_updates == 4
+
+
+def test_free_cuts_give_back_zeros_the_new_cut_does_not_need():
+    prepared = zeroed_in_a_dense_conv()
+    pruner = BudgetPruner(prepared, latency_target=0.9, example_inputs=(X,), **FIXED, nested=False)
     masks, _ = pruner.cut(1.0)
     assert all(bool(m.all()) for m in masks.values())
-    sticky = copy.deepcopy(prepared)
-    deployed = swpfx.convert(sticky, latency_target=1.0, example_inputs=(X,), **FIXED)
+    deployed = swpfx.convert(copy.deepcopy(prepared), latency_target=1.0, example_inputs=(X,), **FIXED)
     assert deployed.meta["swpfx"]["cut"]["kept_stripes"] < deployed.meta["swpfx"]["cut"]["total_stripes"]
 
 
