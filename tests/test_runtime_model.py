@@ -100,7 +100,8 @@ def test_latency_target_uses_the_given_runtime_model_without_calibrating(monkeyp
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.BatchNorm2d(32), torch.nn.ReLU(),
                                 torch.nn.Conv2d(32, 32, 3, padding=1)).eval()
     x = torch.randn(1, 3, 16, 16)
-    deployed = swpfx.convert(swpfx.prepare(model, (x,)), latency_target=0.8, runtime_model=rm.RuntimeModel())
+    # 1.0: on this two-conv chain every faster cut empties filters of a conv on every path (the output's own)
+    deployed = swpfx.convert(swpfx.prepare(model, (x,)), latency_target=1.0, runtime_model=rm.RuntimeModel())
     assert deployed.meta["swpfx"]["cut"]["runtime_model"] == "shipped default"
 
 
