@@ -8,7 +8,7 @@ fixed 4,000 / 1,000 split), 8 epochs as in ``accuracy_latency.py``:
 - ``nested``: each cut keeps the last one's zeros (``nested=True``), or each is
   chosen afresh, zeros only ranking first (the default).
 
-Every run aims at the same *predicted* target (no timing), so the four variants
+Every run aims at the same *predicted* target (no timing), so the variants
 deploy the same latency; the figure is the trained net's test accuracy, which is
 also the converted net's (nothing is cut after training). Runs are spread over
 ``--jobs`` processes of one thread each.

@@ -455,8 +455,8 @@ def masks_for_latency_target(prepared: fx.GraphModule, latency_target: float, lo
                                   seconds if order.endswith("/ms") else None) for order in orders}
     block = channel_multiple if channel_multiple > 1 else runtime_model.block
     essential = on_every_path(estimator.gm.graph)
-    floor = collapse_floor(scores, hard_zeros(prepared, sticky_zeros), block,
-                           {site.name for site in estimator.convs if site.node in essential})
+    zeros = hard_zeros(prepared, sticky_zeros)
+    floor = collapse_floor(scores, zeros, block, {site.name for site in estimator.convs if site.node in essential})
 
     def cutter(order: str, prefix: dict | None = None):
         ranks, always, units = built[order]
@@ -476,9 +476,8 @@ def masks_for_latency_target(prepared: fx.GraphModule, latency_target: float, lo
         [o for o in orders if not o.startswith("filter")]
     stop_budgets = [dense * (1 - (1 - latency_target) * j / (mixes + 1)) for j in range(1, mixes + 1)]
     if blocks:  # channel blocks removed layer by layer: alone, and as the prefix of the mixes
-        always = hard_zeros(prepared, sticky_zeros)
-        steps = block_removals(estimator, scores, {n: ~a for n, a in always.items()}, budget, block)
-        searches.append(("blocks", lambda count: steps[min(count, len(steps) - 1)][0], always, len(steps) - 1, None))
+        steps = block_removals(estimator, scores, {n: ~a for n, a in zeros.items()}, budget, block)
+        searches.append(("blocks", lambda count: steps[min(count, len(steps) - 1)][0], zeros, len(steps) - 1, None))
         stops = sorted({next((i for i, (_, s) in enumerate(steps) if s <= limit), len(steps) - 1)
                         for limit in stop_budgets} - {0}) if rest else []
         for stop in stops:

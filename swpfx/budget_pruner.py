@@ -21,7 +21,7 @@ not need them (they sit in a conv that stays dense, or in a filter the graph
 keeps) they are given back and regrow. With ``nested=True`` each cut keeps the
 last one's zeros instead. What matters at deep cuts is the ramp's length, not
 nesting: at 0.27 of the dense latency (predicted) the BN residual net reached
-77-78 % with a ramp over 2/3 of training and 89-91 % over 1/3 or 1/5, nested or
+77-78 % with a ramp over 2/3 of training and 88-91 % over 1/3 or 1/5, nested or
 not (``benchmarks/pruner_schedule.py``, benchmarks/RESULTS.md).
 
 Example:
